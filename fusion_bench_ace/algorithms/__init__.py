@@ -1,0 +1,1 @@
+"""FusionBench adapters (the only modules that import FusionBench)."""

@@ -1,0 +1,170 @@
+"""Model-level merging driver: walk the parameters, merge each one with a per-tensor function.
+
+MergeKit-style: a merge method is a per-tensor function ``(task_vectors (T, *shape), name) ->
+merged task vector``; this module decides which parameters are merged how, checks the experts
+against the pretrained model before any heavy work, and streams tensor by tensor over
+``Mapping[str, Tensor]`` checkpoints (in-memory state dicts or lazy ones), so a lazy source keeps
+only one parameter's task vectors in memory. No FusionBench import.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .tensors import check_finite, compute_dtype_for
+
+StateDict = Mapping[str, Tensor]
+TensorMerge = Callable[[Tensor, str], Tensor]
+"""``(task vectors stacked as (T, *shape) in the compute dtype, parameter name) -> merged``."""
+
+
+@dataclass(frozen=True)
+class ParameterPlan:
+    """How each parameter of the pretrained model is merged."""
+
+    matrix: List[str] = field(default_factory=list)
+    """2-D weights merged by the matrix method (ACE)."""
+    average: List[str] = field(default_factory=list)
+    """Merged by averaging their task vectors (1-D, >2-D, and ``average_keys``)."""
+    skip: List[str] = field(default_factory=list)
+    """Kept at their pretrained value (``exclude_keys``, integer buffers)."""
+    transpose: frozenset = frozenset()
+    """Matrix weights stored ``d_in x d_out`` (GPT-2 Conv1D) that are transposed for the merge."""
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    # re.match, as the authors' exclusion lists (".*score.*") are written for it
+    return any(re.match(pattern, name) for pattern in patterns)
+
+
+def plan_parameters(
+    pretrained: StateDict,
+    *,
+    exclude_keys: Sequence[str] = (),
+    average_keys: Sequence[str] = (),
+    transpose_keys: Iterable[str] = (),
+) -> ParameterPlan:
+    """Sort the pretrained model's parameters into matrix / average / skip."""
+    for pattern in [*exclude_keys, *average_keys]:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"invalid parameter-name regex {pattern!r}: {error}") from None
+    plan = ParameterPlan(transpose=frozenset(transpose_keys))
+    for name, tensor in pretrained.items():
+        if not tensor.is_floating_point() or _matches(name, exclude_keys):
+            plan.skip.append(name)
+        elif tensor.dim() == 2 and not _matches(name, average_keys):
+            plan.matrix.append(name)
+        else:
+            plan.average.append(name)
+    if not plan.matrix and not plan.average:
+        raise ValueError(
+            "no parameter left to merge: every parameter is excluded by exclude_keys "
+            f"{list(exclude_keys)} or is not floating point"
+        )
+    return plan
+
+
+def check_experts_match(
+    pretrained: StateDict, experts: Mapping[str, StateDict], *, max_listed: int = 5
+) -> None:
+    """Raise ``ValueError`` unless every expert has the pretrained model's names and shapes.
+
+    The message names the expert and lists its first mismatches (missing, unexpected, shape).
+    """
+    if len(experts) < 2:
+        raise ValueError(
+            f"merging needs at least two fine-tuned experts; the pool has {len(experts)}: "
+            f"{list(experts)}"
+        )
+    reference = {name: tuple(t.shape) for name, t in pretrained.items()}
+    problems = []
+    for expert_name, state in experts.items():
+        shapes = {name: tuple(t.shape) for name, t in state.items()}
+        issues = [f"missing {name}" for name in reference if name not in shapes]
+        issues += [f"unexpected {name}" for name in shapes if name not in reference]
+        issues += [
+            f"{name}: shape {shapes[name]} vs pretrained {reference[name]}"
+            for name in reference
+            if name in shapes and shapes[name] != reference[name]
+        ]
+        if issues:
+            listed = "; ".join(issues[:max_listed])
+            more = f" (+{len(issues) - max_listed} more)" if len(issues) > max_listed else ""
+            problems.append(f"expert '{expert_name}': {listed}{more}")
+    if problems:
+        raise ValueError(
+            "the experts do not match the pretrained model's architecture:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def stacked_task_vectors(
+    name: str,
+    pretrained: Tensor,
+    experts: Mapping[str, StateDict],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``(T, *shape)`` task vectors of one parameter, checked for NaN/Inf per expert."""
+    base = pretrained.to(device=device, dtype=dtype)
+    stacked = torch.stack(
+        [state[name].to(device=device, dtype=dtype) - base for state in experts.values()]
+    )
+    try:
+        check_finite(stacked, what="expert", names=list(experts))
+    except ValueError as error:
+        if not bool(torch.isfinite(base).all()):
+            raise ValueError(f"non-finite values in the pretrained parameter '{name}'") from None
+        raise ValueError(f"parameter '{name}': {error}") from None
+    return stacked
+
+
+def merge_state_dicts(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    matrix_merge: TensorMerge,
+    plan: ParameterPlan,
+    *,
+    scaling_factor: float = 1.0,
+    device: str | torch.device = "cpu",
+    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+) -> Dict[str, Tensor]:
+    """``pretrained + scaling_factor * merged task vector`` for every parameter.
+
+    Matrix parameters go through ``matrix_merge`` (transposed first if planned), averaged ones
+    through the mean of their task vectors, skipped ones keep the pretrained value. Each result
+    is cast back to the pretrained dtype and returned on the CPU.
+    """
+    device = torch.device(device)
+    merged: Dict[str, Tensor] = {}
+    names = list(pretrained.keys())
+    iterator = progress(names) if progress is not None else names
+    matrix, average = set(plan.matrix), set(plan.average)
+    for name in iterator:
+        base = pretrained[name]
+        if name not in matrix and name not in average:
+            merged[name] = base.detach().clone().cpu()
+            continue
+        dtype = compute_dtype_for(base.dtype)
+        task_vectors = stacked_task_vectors(name, base, experts, device=device, dtype=dtype)
+        if name in matrix:
+            transpose = name in plan.transpose
+            if transpose:
+                task_vectors = task_vectors.transpose(1, 2)
+            merged_tv = matrix_merge(task_vectors, name)
+            if transpose:
+                merged_tv = merged_tv.T
+        else:
+            merged_tv = task_vectors.mean(dim=0)
+        result = base.to(device=device, dtype=dtype) + scaling_factor * merged_tv
+        merged[name] = result.to(dtype=base.dtype).cpu()
+        del task_vectors, merged_tv, result
+    return merged

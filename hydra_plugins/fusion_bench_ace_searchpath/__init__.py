@@ -1,0 +1,58 @@
+"""Hydra search-path plugin: makes ``method=ace`` (and our pools) visible to ``fusion_bench``.
+
+Hydra discovers plugins in the ``hydra_plugins`` namespace package of every installed
+distribution. This one appends our config directory after FusionBench's, so FusionBench's own
+configs win on equal names. A wheel install ships the configs as ``fusion_bench_ace/config``; an
+editable install reads the repository's top-level ``config/`` beside the package.
+
+It also repairs one FusionBench quirk: ``fusion_bench`` takes ``$CWD/config`` as its primary config
+directory whenever one exists (our repository root has one), and then cannot find its own
+``fabric_model_fusion`` config. When that happens, FusionBench's packaged configs are appended so
+the run works from any directory.
+"""
+
+import importlib.util
+import os
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+FUSION_BENCH_ROOT_CONFIG = "fabric_model_fusion.yaml"
+MARKER = os.path.join("method", "ace.yaml")
+
+
+def ace_config_dir() -> str | None:
+    """Our config directory: inside the installed package, or beside it in a source checkout."""
+    spec = importlib.util.find_spec("fusion_bench_ace")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package_dir = list(spec.submodule_search_locations)[0]
+    for candidate in (
+        os.path.join(package_dir, "config"),
+        os.path.join(os.path.dirname(package_dir), "config"),
+    ):
+        if os.path.isfile(os.path.join(candidate, MARKER)):
+            return os.path.abspath(candidate)
+    return None
+
+
+def _primary_dir(search_path: ConfigSearchPath) -> str | None:
+    for element in search_path.get_path():
+        if element.provider == "main" and element.path is not None:
+            path = element.path
+            return path[len("file://"):] if path.startswith("file://") else path
+    return None
+
+
+class FusionBenchAceSearchPathPlugin(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        primary = _primary_dir(search_path)
+        if (
+            primary is not None
+            and os.path.abspath(primary) == os.path.join(os.getcwd(), "config")
+            and not os.path.isfile(os.path.join(primary, FUSION_BENCH_ROOT_CONFIG))
+        ):
+            search_path.append(provider="fusion_bench", path="pkg://fusion_bench_config")
+        config_dir = ace_config_dir()
+        if config_dir is not None:
+            search_path.append(provider="fusion_bench_ace", path=f"file://{config_dir}")
