@@ -41,9 +41,8 @@ def build_tiny_gpt2_pool(root: Path, seed: int = 0) -> Path:
     pretrained = GPT2ForSequenceClassification(config).eval()
     pretrained.save_pretrained(root / "pretrained")
     for task, num_labels in TASKS.items():
-        expert = GPT2ForSequenceClassification(
-            GPT2Config(**{**config.to_dict(), "num_labels": num_labels})
-        ).eval()
+        settings = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+        expert = GPT2ForSequenceClassification(GPT2Config(**settings, num_labels=num_labels)).eval()
         state = {
             k: v + SCALES[task] * torch.randn_like(v) if k.startswith("transformer.") else v
             for k, v in pretrained.state_dict().items()
