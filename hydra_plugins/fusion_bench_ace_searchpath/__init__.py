@@ -16,6 +16,7 @@ import os
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import OmegaConf
 
 FUSION_BENCH_ROOT_CONFIG = "fabric_model_fusion.yaml"
 MARKER = os.path.join("method", "ace.yaml")
@@ -56,3 +57,15 @@ class FusionBenchAceSearchPathPlugin(SearchPathPlugin):
         config_dir = ace_config_dir()
         if config_dir is not None:
             search_path.append(provider="fusion_bench_ace", path=f"file://{config_dir}")
+
+
+def _ace_mini_path(track: str, relative: str = "") -> str:
+    """``${ace_mini:<track>,<relative path>}``: a file of a built embedded-benchmark track."""
+    from fusion_bench_ace.mini import track_path
+
+    return track_path(track, relative)
+
+
+# Hydra imports this module while it scans for plugins, before any config is composed, so the
+# resolver exists whenever FusionBench resolves our model- and task-pool configs.
+OmegaConf.register_new_resolver("ace_mini", _ace_mini_path, replace=True)
