@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # name -> module holding it; imported on first access (PEP 562)
 _LAZY = {
     "ACEMerging": "fusion_bench_ace.algorithms.ace",
+    "TaskArithmeticNANAlgorithm": "fusion_bench_ace.algorithms.nan",
+    "TiesMergingNANAlgorithm": "fusion_bench_ace.algorithms.nan",
 }
 
 __all__ = ["ace_merge_layer", "ace_merge_layer_with_info", "heterogeneity", *_LAZY]

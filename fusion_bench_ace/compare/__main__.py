@@ -1,0 +1,65 @@
+"""``python -m fusion_bench_ace.compare {run,sweep,summarize-sweep,list}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import available_benchmarks, load_benchmark, run_comparison, run_sweep, summarize_sweep
+
+
+def _grid(items):
+    grid = {}
+    for item in items or []:
+        key, _, values = item.partition("=")
+        if not values:
+            raise SystemExit(f"--grid expects key=v1,v2,...; got {item!r}")
+        grid[key] = values.split(",")
+    return grid
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.compare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run methods on a benchmark and write its comparison table")
+    run.add_argument("benchmark")
+    run.add_argument("--methods", help="comma-separated; default: the benchmark's default_methods")
+    run.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>")
+    sweep = sub.add_parser("sweep", help="a Hydra multirun grid of one method: table + heatmap")
+    sweep.add_argument("benchmark")
+    sweep.add_argument("--grid", nargs="*", help="key=v1,v2 ... (default: the benchmark's sweep grid)")
+    sweep.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>_sweep")
+    summary = sub.add_parser("summarize-sweep", help="table + heatmap of a multirun you ran yourself")
+    summary.add_argument("benchmark")
+    summary.add_argument("jobs_dir", type=Path, help="the multirun's hydra.sweep.dir")
+    summary.add_argument("--params", required=True, help="comma-separated swept override keys")
+    summary.add_argument("--out", type=Path, required=True)
+    sub.add_parser("list", help="list the benchmarks")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for name in available_benchmarks():
+            print(f"{name:<28} {load_benchmark(name).get('description', '')}")
+        return 0
+    if args.command == "run":
+        methods = args.methods.split(",") if args.methods else None
+        out = args.out or Path("outputs/compare") / args.benchmark
+        run_comparison(args.benchmark, methods, out, argv)
+        return 0
+    if args.command == "sweep":
+        out = args.out or Path("outputs/compare") / f"{args.benchmark}_sweep"
+        run_sweep(args.benchmark, _grid(args.grid), out, argv)
+        return 0
+    from . import new_run_dir, point_latest
+
+    run_dir = new_run_dir(args.out)
+    summarize_sweep(args.jobs_dir, load_benchmark(args.benchmark), args.params.split(","), run_dir, argv)
+    point_latest(args.out, run_dir)
+    print((run_dir / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
