@@ -66,6 +66,25 @@ def _ace_mini_path(track: str, relative: str = "") -> str:
     return track_path(track, relative)
 
 
+HF_ROOT_ENV = "FUSION_BENCH_ACE_HF_ROOT"
+
+
+def _hf_repo(repo_id: str) -> str:
+    """``${ace_hf:<owner>/<name>}``: a local copy of a Hugging Face repo if there is one, else the id.
+
+    With ``FUSION_BENCH_ACE_HF_ROOT=/data/hf`` a config naming ``openai/clip-vit-base-patch32``
+    loads ``/data/hf/openai/clip-vit-base-patch32`` when that directory exists; otherwise the id is
+    passed on and the hub (or its cache, with ``HF_HUB_OFFLINE=1``) is used as usual.
+    """
+    root = os.environ.get(HF_ROOT_ENV)
+    if root:
+        candidate = os.path.join(os.path.expanduser(root), repo_id)
+        if os.path.exists(candidate):
+            return candidate
+    return repo_id
+
+
 # Hydra imports this module while it scans for plugins, before any config is composed, so the
-# resolver exists whenever FusionBench resolves our model- and task-pool configs.
+# resolvers exist whenever FusionBench resolves our model- and task-pool configs.
 OmegaConf.register_new_resolver("ace_mini", _ace_mini_path, replace=True)
+OmegaConf.register_new_resolver("ace_hf", _hf_repo, replace=True)
