@@ -1,7 +1,7 @@
 """Running ``fusion_bench`` once per method and collecting what each run wrote.
 
 Every method runs through the real ``fusion_bench`` CLI in its own process (FusionBench's own
-Task Arithmetic, TIES, TSV-M and ours alike), under :class:`fusion_bench_ace.program.ProfiledFusionProgram`
+Task Arithmetic, TIES, TSV-M and ours alike), under :class:`fusion_bench_ace.program.FusionProgram`
 so the run also records its merge time and peak memory. Each run writes into its own directory,
 so no report overwrites another.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-PROGRAM = "fusion_bench_ace.program.ProfiledFusionProgram"
+PROGRAM = "fusion_bench_ace.program.FusionProgram"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
