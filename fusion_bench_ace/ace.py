@@ -46,27 +46,60 @@ Choices where the paper is silent or the authors' code (``unravel-xu/ACE-Merging
   dtype (ε below the precision of the Gram scale), the solve falls back to a float64
   eigendecomposition with a pseudo-inverse, which is the ε → 0 limit of the same formula.
 - **Dtypes.** float64 inputs are computed in float64, float32/float16/bfloat16 in float32; the
-  result is cast back to the input dtype.
+  result is cast back to the input dtype. In float32 the energies, γ and the task weights are
+  float64 scalars, and the refinement's top-``k`` singular triplets come from a float64
+  eigendecomposition of the smaller Gram matrix of ``W_pre + Δ_res`` (``F Fᵀ`` or ``Fᵀ F``):
+  the same triplets as an SVD, more accurate than a float32 SVD and 2-4x cheaper on rectangular
+  layers. If ``σ_k`` is numerically zero (rank-deficient ``F``, singular vectors not unique) the
+  refinement uses ``torch.linalg.svd`` as before. float64 inputs keep the SVD.
+
+How it is computed (performance; none of it changes the formulas above):
+
+- **One pass over the tasks, nothing per task kept.** Energies first (sums of squares, O(mn) per
+  task; γ and the branch follow), then each task is centred into one scratch buffer and
+  accumulated into ``Σ_t w_t Σ̂_t`` (n x n), ``Σ_t w_t W̃_t Σ̂_t`` (m x n; shared by the numerator
+  and the residual), ``Σ_t w_t W̃_t`` and, heterogeneous only, ``Σ_t ΔW_t`` and ``Σ_t w_t Σ̂_t μ_t``.
+  Extra memory is O(mn + n²) whatever ``T``; :func:`ace_merge_layer_stream` takes the task
+  vectors one at a time from a callable (e.g. straight from checkpoint files), with the same
+  arithmetic as the stacked entry points, so both give bit-identical results.
+- **Traces are sums of squares**, never ``trace(WᵀW)``.
+- **Gram matrices compute their upper blocks only** (recursive 2 x 2 blocking down to ~192-wide
+  blocks, mirrored): ~55-65% of the flops of ``WᵀW``; when the row Gram is the cheaper
+  association (``d_out < d_in / 2``) the column Gram goes straight into the accumulator with
+  in-place ``addmm``. ``W̃_t Σ̂_t`` is ``W̃_t (W̃_tᵀ W̃_t)`` or ``(W̃_t W̃_tᵀ) W̃_t``, whichever is cheaper,
+  accumulated in place (no per-task product tensor).
+- **Task weights** ``w_t = 1 / s_t`` (heterogeneous) make every weighted Gram trace one, so the
+  float32 accumulators stay in range whatever the energies; a running rescale guards vanishing
+  task vectors (``w_t > 1e30``). The residual, the only quantity not homogeneous in the weights,
+  is divided by that scale.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .tensors import TaskVectors, compute_dtype_for, stack_task_vectors
+from .tensors import TaskVectors, check_finite, compute_dtype_for, stack_task_vectors
 
 __all__ = [
     "ACELayerResult",
     "ace_merge_layer",
+    "ace_merge_layer_stream",
     "ace_merge_layer_with_info",
     "check_ace_hyperparameters",
     "heterogeneity",
 ]
+
+TaskSource = Callable[[int], Tensor]
+"""``task_vector(t) -> Tensor (d_out, d_in)`` for ``t in range(num_tasks)``; called twice per task."""
+
+_GRAM_LEAF = 192  # Gram blocks narrower than 2 * this are computed whole
+_MAX_WEIGHT = 1e30  # float32 accumulators stay far from overflow below this task weight
+_ENERGY_CHUNK = 1 << 20  # elements squared at a time for the energies (bounded temporaries)
 
 
 @dataclass(frozen=True)
@@ -106,7 +139,10 @@ def heterogeneity(task_vectors: TaskVectors) -> float:
     vector is not all zeros. Fewer than two such tasks or equal energies give 0.
     """
     stacked = stack_task_vectors(task_vectors, ndim=None)
-    energies = _energies(stacked.to(compute_dtype_for(stacked.dtype)))
+    dtype = compute_dtype_for(stacked.dtype)
+    energies = torch.tensor(
+        [_energy(stacked[t].to(dtype)) for t in range(stacked.shape[0])], dtype=torch.float64
+    )
     return _gamma(energies[energies > 0])
 
 
@@ -144,21 +180,68 @@ def ace_merge_layer_with_info(
     """:func:`ace_merge_layer`, also returning γ, the branch taken and (optionally) ``W_pre``."""
     check_ace_hyperparameters(eps, tau, k_frac)
     stacked = stack_task_vectors(task_vectors, ndim=2)
-    result = _ace_merge_stacked(
-        stacked.to(compute_dtype_for(stacked.dtype)),
+    result, _ = _merge(
+        lambda t: stacked[t],
+        stacked.shape[0],
         eps=float(eps),
         tau=float(tau),
         k_frac=float(k_frac),
         keep_preliminary=keep_preliminary,
+        device=stacked.device,
+        validated=(tuple(stacked.shape[1:]), stacked.dtype),
     )
     return _cast_result(result, stacked.dtype)
+
+
+def ace_merge_layer_stream(
+    task_vector: TaskSource,
+    num_tasks: int,
+    eps: float,
+    tau: float = 0.3,
+    k_frac: float = 0.3,
+    *,
+    device: str | torch.device | None = None,
+    keep_preliminary: bool = False,
+) -> ACELayerResult:
+    """:func:`ace_merge_layer_with_info` on task vectors produced one at a time.
+
+    ``task_vector(t)`` must return task ``t``'s ``(d_out, d_in)`` task vector (any float dtype,
+    any device; the same tensor each time it is asked): it is called twice per task, once for
+    the energies and once for the accumulation, and nothing per task is kept, so the extra memory
+    is O(d_out d_in + d_in²) whatever ``num_tasks``. The result equals, bit for bit, the stacked
+    entry points on the same values and device. ``device`` is where the math runs (default: the
+    first task vector's device). Inputs are validated as :func:`ace_merge_layer` does (shape,
+    float dtype, NaN/Inf, naming the task).
+    """
+    check_ace_hyperparameters(eps, tau, k_frac)
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int; got {num_tasks!r}")
+    result, input_dtype = _merge(
+        task_vector,
+        num_tasks,
+        eps=float(eps),
+        tau=float(tau),
+        k_frac=float(k_frac),
+        keep_preliminary=keep_preliminary,
+        device=None if device is None else torch.device(device),
+        validated=None,
+    )
+    return _cast_result(result, input_dtype)
 
 
 def _cast_result(result: ACELayerResult, dtype: torch.dtype) -> ACELayerResult:
     if result.merged.dtype == dtype:
         return result
+    merged = result.merged.to(dtype)
+    if not bool(torch.isfinite(merged).all()):
+        # The merge is finite in the compute dtype (inputs were); only the narrower dtype fails.
+        largest = float(result.merged.abs().max())
+        raise ValueError(
+            f"the merged task vector (max |value| {largest:.3g}) does not fit in {dtype}; "
+            f"merge in float32 (cast the experts up) or lower the scaling"
+        )
     return ACELayerResult(
-        merged=result.merged.to(dtype),
+        merged=merged,
         gamma=result.gamma,
         heterogeneous=result.heterogeneous,
         rank_k=result.rank_k,
@@ -168,9 +251,23 @@ def _cast_result(result: ACELayerResult, dtype: torch.dtype) -> ACELayerResult:
     )
 
 
+def _energy(x: Tensor) -> float:
+    """``||x||_F^2`` as a Python float: float32 partial sums of bounded chunks, added in float64.
+
+    torch's own reduction (not BLAS ``dot``), so the value does not depend on the buffer's
+    alignment: a task vector gives the same energy as a view into a stack or as its own tensor.
+    """
+    flat = x.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), _ENERGY_CHUNK):
+        chunk = flat[start : start + _ENERGY_CHUNK]
+        total += float(torch.sum(chunk * chunk))
+    return total
+
+
 def _energies(stacked: Tensor) -> Tensor:
     """Uncentred energies ``||ΔW_t||_F^2`` in float64 (they feed logs and ratios)."""
-    return stacked.reshape(stacked.shape[0], -1).square().sum(dim=1).to(torch.float64)
+    return torch.tensor([_energy(stacked[t]) for t in range(stacked.shape[0])], dtype=torch.float64)
 
 
 def _gamma(nonzero_energies: Tensor) -> float:
@@ -186,100 +283,235 @@ def _gamma(nonzero_energies: Tensor) -> float:
     return variance / mean_sq
 
 
-def _ace_merge_stacked(
-    stacked: Tensor, *, eps: float, tau: float, k_frac: float, keep_preliminary: bool
-) -> ACELayerResult:
-    """The merge on validated ``(T, m, n)`` task vectors already in the compute dtype."""
-    _, m, n = stacked.shape
-    energies = _energies(stacked)
-    nonzero = energies > 0
-    if not bool(nonzero.any()):
-        return ACELayerResult(torch.zeros_like(stacked[0]), 0.0, False, 0, 0, fallback="all-zero")
-    if not bool(nonzero.all()):
-        stacked, energies = stacked[nonzero], energies[nonzero]
-    gamma = _gamma(energies)
+def _merge(
+    source: TaskSource,
+    num_tasks: int,
+    *,
+    eps: float,
+    tau: float,
+    k_frac: float,
+    keep_preliminary: bool,
+    device: Optional[torch.device],
+    validated: Optional[tuple],
+) -> tuple[ACELayerResult, torch.dtype]:
+    """Both passes over ``source``; returns the result in the compute dtype and the input dtype.
+
+    ``validated``: ``(shape, dtype)`` when the caller already checked the inputs (a stack);
+    ``None`` makes pass 1 check every task vector (shape, float dtype, NaN/Inf).
+    """
+    # Pass 1: energies (and, for a stream, validation and the common dtype).
+    energies = []
+    shape, dtype = validated if validated is not None else (None, None)
+    for t in range(num_tasks):
+        x = source(t)
+        if validated is None:
+            shape, dtype, device = _check_streamed(x, t, shape, dtype, device)
+        elif device is None:
+            device = x.device
+        energies.append(_energy(x.to(device=device, dtype=compute_dtype_for(dtype))))
+        del x
+    compute = compute_dtype_for(dtype)
+    m, n = shape
+    energy = torch.tensor(energies, dtype=torch.float64)
+    nonzero = [t for t in range(num_tasks) if energies[t] > 0]
+    if not nonzero:
+        zeros = torch.zeros(m, n, dtype=compute, device=device)
+        return ACELayerResult(zeros, 0.0, False, 0, 0, fallback="all-zero"), dtype
+    gamma = _gamma(energy[energy > 0])
     heterogeneous = gamma > tau
-    tasks = stacked.shape[0]
+
+    def task(t: int) -> Tensor:
+        return source(t).to(device=device, dtype=compute)
 
     if m == 1:  # centring over one row leaves nothing: average, like a 1-D parameter
-        return ACELayerResult(stacked.mean(dim=0), gamma, heterogeneous, 0, tasks, "average")
+        total = torch.zeros(m, n, dtype=compute, device=device)
+        for t in nonzero:
+            total.add_(task(t))
+        average = total.div_(len(nonzero))
+        return ACELayerResult(average, gamma, heterogeneous, 0, len(nonzero), "average"), dtype
 
-    row_means = stacked.mean(dim=1, keepdim=True)  # μ_tᵀ, shape (T, 1, n)
-    centred = stacked - row_means  # W̃_t
-    centred_energy = centred.reshape(tasks, -1).square().sum(dim=1).to(torch.float64)  # s_t
+    acc = _Accumulator(m, n, compute, device, heterogeneous)
+    for t in nonzero:  # Pass 2
+        acc.add(task(t), energies[t])
+    return acc.finish(eps, k_frac, gamma, len(nonzero), keep_preliminary), dtype
 
-    if heterogeneous:
-        usable = centred_energy > 0
-        if not bool(usable.any()):
-            return ACELayerResult(stacked.mean(dim=0), gamma, True, 0, tasks, "average")
-        if not bool(usable.all()):
-            stacked, row_means, centred = stacked[usable], row_means[usable], centred[usable]
-            centred_energy, energies = centred_energy[usable], energies[usable]
-            tasks = stacked.shape[0]
-        weights = 1.0 / centred_energy  # Σ̃_t = Σ̂_t / s_t
-        prior_scale = 1.0 / float(energies.mean())  # C_agg / τ̄
-    else:
-        weights = torch.ones(tasks, dtype=torch.float64, device=stacked.device)
-        prior_scale = 1.0
 
-    # The system and numerator are homogeneous of degree one in the task weights, so they are
-    # accumulated with weights scaled to max 1 (keeps float32 in range when energies span decades)
-    # and the residual, which is not, is rescaled by `weight_scale` afterwards.
-    weight_scale = float(weights.max())
-    relative_weights = (weights / weight_scale).tolist()
-
-    dtype, device = stacked.dtype, stacked.device
-    sigma_sum = torch.zeros(n, n, dtype=dtype, device=device)  # Σ_t w_t Σ̂_t  (pre-regularisation)
-    numerator = torch.zeros(m, n, dtype=dtype, device=device)  # Σ_t w_t W̃_t Σ̂_t
-    mean_term = torch.zeros(n, dtype=dtype, device=device)  # Σ_t w_t Σ̂_t μ_t (residual, 1 μᵀ part)
-    use_row_gram = 2 * m < n  # W̃ (W̃ᵀ W̃) = (W̃ W̃ᵀ) W̃: cheaper association when d_out << d_in
-    for t in range(tasks):
-        w_t = relative_weights[t]
-        x = centred[t]
-        gram = x.T @ x
-        sigma_sum.add_(gram, alpha=w_t)
-        if use_row_gram:
-            numerator.add_((x @ x.T) @ x, alpha=w_t)
-        else:
-            numerator.add_(x @ gram, alpha=w_t)
-        if heterogeneous:
-            mean_term.add_(gram @ row_means[t, 0], alpha=w_t)
-
-    ridge = eps * sum(relative_weights)  # Σ_t w_t ε
-    regularised_sum = sigma_sum + ridge * torch.eye(n, dtype=dtype, device=device)  # Σ_t Σ_t,reg
-    centred_sum = _weighted_sum(centred, relative_weights)  # Σ_t w_t W̃_t
-    gram_term = numerator.clone() if heterogeneous else None  # Σ_t w_t W̃_t Σ̂_t, reused below
-    numerator.add_(centred_sum, alpha=eps)  # Σ_t W̃_t Σ_t,reg
-    prior_row = sigma_sum.mean(dim=0) * prior_scale  # c
-    preliminary = _solve_with_rank_one_prior(numerator, regularised_sum, prior_row)
-
-    if not heterogeneous:
-        return ACELayerResult(
-            preliminary, gamma, False, 0, tasks, None, preliminary if keep_preliminary else None
+def _check_streamed(x, t, shape, dtype, device):
+    if not isinstance(x, Tensor):
+        raise ValueError(f"task vector {t} is a {type(x).__name__}, expected a torch.Tensor")
+    if x.dim() != 2:
+        raise ValueError(f"expected 2-D task vectors (d_out x d_in), got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != shape:
+        raise ValueError(
+            f"task vectors must all have the same shape; task vector {t} has "
+            f"{tuple(x.shape)}, task vector 0 has {shape}"
         )
-
-    # Δ_res = Σ_t ΔW_t Σ̃_t - (Σ_t ΔW_t) mean_t Σ_t,reg, with ΔW_t Σ̂_t = W̃_t Σ̂_t + 1 (Σ̂_t μ_t)ᵀ.
-    task_sum = stacked.sum(dim=0)
-    residual = gram_term
-    residual.add_(mean_term.unsqueeze(0))
-    residual.sub_(task_sum @ regularised_sum, alpha=1.0 / tasks)
-    residual.mul_(weight_scale)
-    fused = preliminary + residual
-
-    rank_k = int(min(m, n) * k_frac)
-    merged = preliminary
-    if rank_k > 0:
-        u, s, vh = torch.linalg.svd(fused, full_matrices=False)
-        sigma_iso = s[:rank_k].mean()
-        merged = preliminary + sigma_iso * (u[:, :rank_k] @ vh[:rank_k])
-    return ACELayerResult(
-        merged, gamma, True, rank_k, tasks, None, preliminary if keep_preliminary else None
-    )
+    if not x.is_floating_point():
+        raise ValueError(f"task vector {t} has dtype {x.dtype}; expected a float dtype")
+    check_finite(x.unsqueeze(0), what="task vector", names=[str(t)])
+    dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
+    return tuple(x.shape), dtype, x.device if device is None else device
 
 
-def _weighted_sum(stacked: Tensor, weights: list[float]) -> Tensor:
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    return torch.einsum("t,tmn->mn", w, stacked)
+class _Accumulator:
+    """The per-layer sums of Algorithm 1, fed one task vector at a time (pass 2)."""
+
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device, heterogeneous: bool):
+        self.m, self.n, self.heterogeneous = m, n, heterogeneous
+        zeros = lambda *size: torch.zeros(*size, dtype=dtype, device=device)  # noqa: E731
+        # W̃_t (W̃_tᵀ W̃_t) or (W̃_t W̃_tᵀ) W̃_t: the cheaper association when d_out << d_in
+        self.row_gram = 2 * m < n
+        self.sigma = zeros(n, n)  # Σ_t w_t Σ̂_t (upper blocks only while row_gram accumulates)
+        self.gram_term = zeros(m, n)  # Σ_t w_t W̃_t Σ̂_t
+        self.centred_sum = zeros(m, n)  # Σ_t w_t W̃_t
+        self.centred = torch.empty(m, n, dtype=dtype, device=device)  # scratch: W̃_t
+        if heterogeneous:
+            self.task_sum = zeros(m, n)  # Σ_t ΔW_t (tasks used)
+            self.mean_term = zeros(n)  # Σ_t w_t Σ̂_t μ_t
+            self.unusable_means = zeros(n)  # Σ μ_t over tasks with W̃_t = 0 (ΔW_t = 1 μ_tᵀ)
+        self.scale = 1.0  # every weight is scale / s_t (heterogeneous)
+        self.weight_total = 0.0
+        self.used = 0
+        self.energy_used = 0.0
+
+    def add(self, x: Tensor, energy: float) -> None:
+        mu = x.mean(dim=0)
+        centred = torch.sub(x, mu, out=self.centred)
+        flat = centred.reshape(-1)
+        if self.heterogeneous:
+            s = float(torch.dot(flat, flat))
+            if s == 0.0:  # rows all equal: no trace normalisation; left out of the system
+                self.unusable_means.add_(mu)
+                return
+            w = self.scale / s
+            if w > _MAX_WEIGHT:  # a vanishing task vector: rescale what is accumulated
+                self._rescale(_MAX_WEIGHT / w)
+                w = self.scale / s
+            self.task_sum.add_(x)
+        else:
+            w = 1.0
+        self.used += 1
+        self.weight_total += w
+        self.energy_used += energy
+        if self.row_gram:
+            _add_gram_upper(self.sigma, centred, w, 0, self.n)
+            rows = _gram(centred.T)  # W̃_t W̃_tᵀ, (m, m)
+            self.gram_term.addmm_(rows, centred, alpha=w)
+            if self.heterogeneous:  # Σ̂_t μ_t = W̃_tᵀ (W̃_t μ_t)
+                self.mean_term.add_(centred.T @ (centred @ mu), alpha=w)
+        else:
+            gram = _gram(centred)  # Σ̂_t, (n, n)
+            self.sigma.add_(gram, alpha=w)
+            self.gram_term.addmm_(centred, gram, alpha=w)
+            if self.heterogeneous:
+                self.mean_term.add_(gram @ mu, alpha=w)
+        self.centred_sum.add_(centred, alpha=w)
+
+    def _rescale(self, factor: float) -> None:
+        for tensor in (self.sigma, self.gram_term, self.centred_sum, self.mean_term):
+            tensor.mul_(factor)
+        self.weight_total *= factor
+        self.scale *= factor
+
+    def finish(
+        self, eps: float, k_frac: float, gamma: float, nonzero: int, keep_preliminary: bool
+    ) -> ACELayerResult:
+        m, n = self.m, self.n
+        if self.used == 0:  # heterogeneous and no task has centred energy left: average
+            average = self.unusable_means.div(nonzero).expand(m, n).clone()
+            return ACELayerResult(average, gamma, True, 0, nonzero, "average")
+        del self.centred
+        sigma = self.sigma
+        if self.row_gram:  # only the upper blocks were accumulated
+            sigma = torch.triu(sigma).add_(torch.triu(sigma, diagonal=1).T)
+        prior_scale = self.used / self.energy_used if self.heterogeneous else 1.0  # 1 / τ̄
+        prior_row = sigma.mean(dim=0).mul_(prior_scale)  # c
+        regularised = sigma  # Σ_t w_t Σ_t,reg = Σ_t w_t Σ̂_t + ε Σ_t w_t I
+        regularised.diagonal().add_(eps * self.weight_total)
+        if self.heterogeneous:
+            numerator = torch.add(self.gram_term, self.centred_sum, alpha=eps)
+        else:
+            numerator = self.gram_term.add_(self.centred_sum, alpha=eps)
+        del self.centred_sum
+        preliminary = _solve_with_rank_one_prior(numerator, regularised, prior_row)
+        del numerator
+        kept = preliminary if keep_preliminary else None
+        if not self.heterogeneous:
+            return ACELayerResult(preliminary, gamma, False, 0, self.used, None, kept)
+
+        # Δ_res = Σ_t ΔW_t Σ̃_t - (Σ_t ΔW_t) mean_t Σ_t,reg, with ΔW_t Σ̂_t = W̃_t Σ̂_t + 1 (Σ̂_t μ_t)ᵀ,
+        # divided by the running weight scale (the only term that is not homogeneous in it).
+        residual = self.gram_term
+        residual.add_(self.mean_term.unsqueeze(0))
+        residual.addmm_(self.task_sum, regularised, alpha=-1.0 / self.used)
+        residual.div_(self.scale)
+        fused = residual.add_(preliminary)
+        rank_k = int(min(m, n) * k_frac)
+        merged = preliminary
+        if rank_k > 0:
+            merged = preliminary + _isotropic_top_k(fused, rank_k)
+        return ACELayerResult(merged, gamma, True, rank_k, self.used, None, kept)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """``xᵀ x`` from its upper blocks (recursive 2 x 2 split, mirrored): ~5/8 of the flops."""
+    n = x.shape[1]
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    _gram_blocks(x, out, 0, n)
+    return out
+
+
+def _gram_blocks(x: Tensor, out: Tensor, lo: int, hi: int) -> None:
+    width = hi - lo
+    if width < 2 * _GRAM_LEAF:
+        block = x[:, lo:hi]
+        out[lo:hi, lo:hi] = block.T @ block
+        return
+    mid = lo + width // 2
+    cross = x[:, lo:mid].T @ x[:, mid:hi]
+    out[lo:mid, mid:hi] = cross
+    out[mid:hi, lo:mid] = cross.T
+    _gram_blocks(x, out, lo, mid)
+    _gram_blocks(x, out, mid, hi)
+
+
+def _add_gram_upper(acc: Tensor, x: Tensor, alpha: float, lo: int, hi: int) -> None:
+    """``acc += alpha xᵀ x`` on the diagonal and upper blocks of ``acc`` only, in place."""
+    width = hi - lo
+    if width < 2 * _GRAM_LEAF:
+        block = x[:, lo:hi]
+        acc[lo:hi, lo:hi].addmm_(block.T, block, alpha=alpha)
+        return
+    mid = lo + width // 2
+    acc[lo:mid, mid:hi].addmm_(x[:, lo:mid].T, x[:, mid:hi], alpha=alpha)
+    _add_gram_upper(acc, x, alpha, lo, mid)
+    _add_gram_upper(acc, x, alpha, mid, hi)
+
+
+def _isotropic_top_k(fused: Tensor, k: int) -> Tensor:
+    """``σ̄_k U_k V_kᵀ`` of ``fused`` (Eqs. 18-19), in ``fused``'s dtype.
+
+    float32: from a float64 eigendecomposition of the smaller Gram matrix (same triplets as the
+    SVD, more accurate than a float32 SVD, cheaper); float64, or a numerically zero ``σ_k``
+    (singular vectors not unique): ``torch.linalg.svd``.
+    """
+    m, n = fused.shape
+    if fused.dtype != torch.float64:
+        f = fused.to(torch.float64)
+        wide = m <= n
+        eigenvalues, eigenvectors = torch.linalg.eigh(f @ f.T if wide else f.T @ f)
+        top = eigenvalues[-k:].flip(0)  # descending σ_1² .. σ_k²
+        cutoff = float(eigenvalues[-1]) * min(m, n) * 16 * torch.finfo(torch.float64).eps
+        if float(top[-1]) > cutoff:
+            singular = top.sqrt()
+            vectors = eigenvectors[:, -k:].flip(1)
+            if wide:  # U_k, and V_kᵀ = Σ_k^-1 U_kᵀ F
+                product = vectors @ ((vectors.T @ f) / singular.unsqueeze(1))
+            else:  # V_k, and U_k = F V_k Σ_k^-1
+                product = ((f @ vectors) / singular) @ vectors.T
+            return product.mul_(singular.mean()).to(fused.dtype)
+    u, s, vh = torch.linalg.svd(fused, full_matrices=False)
+    return s[:k].mean() * (u[:, :k] @ vh[:k])
 
 
 def _solve_with_rank_one_prior(numerator: Tensor, spd: Tensor, prior_row: Tensor) -> Tensor:
