@@ -1,0 +1,71 @@
+"""FusionBench's open_clip model and task pools, made usable with Python 3.11 and torch >= 2.6.
+
+Two problems of fusion-bench 0.2.33 stop its ``OpenCLIPVisionModelPool`` from loading the
+task-vectors / TSV-M checkpoints here:
+
+1. ``fusion_bench/modelpool/openclip_vision/modelpool.py`` does ``from typing import override``,
+   which exists only from Python 3.12 on, so on 3.10/3.11 neither the model pool nor the open_clip
+   task pool (which imports from it) can be imported. We put ``typing_extensions.override`` (the
+   backport) at ``typing.override`` before importing them.
+2. Its ``load_model`` reads the pickled encoders with ``torch.load(..., weights_only=True)`` and
+   falls back to ``pickle.load`` only on ``RuntimeError``; torch >= 2.6 raises ``UnpicklingError``
+   for a pickled module, and ``pickle.load`` cannot read torch's zip format anyway. Our subclass
+   loads the two pickled forms (a path string; ``{model_name, pickle_path}``) with
+   ``weights_only=False`` - these checkpoints are full pickled modules by design, as the task-vectors
+   code wrote them; only load files you trust - and otherwise defers to FusionBench.
+
+Our ``ace_paper/openclip_*`` configs name these classes as their ``_target_``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import typing
+from typing import Union
+
+if sys.version_info < (3, 12) and not hasattr(typing, "override"):
+    from typing_extensions import override
+
+    typing.override = override
+
+import torch  # noqa: E402
+from fusion_bench.modelpool.openclip_vision import modelpool as _fb  # noqa: E402
+from fusion_bench.taskpool.openclip_vision.openclip_taskpool import OpenCLIPVisionModelTaskPool  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OpenCLIPVisionModelPool", "OpenCLIPVisionModelTaskPool", "load_pickled"]
+
+
+def load_pickled(path: str):
+    """A torch-saved (pickled) module or state dict, with the task-vectors ``src.*`` names redirected."""
+    _fb._check_and_redirect_open_clip_modeling()
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class OpenCLIPVisionModelPool(_fb.OpenCLIPVisionModelPool):
+    """FusionBench's pool, reading pickled checkpoints with ``weights_only=False``."""
+
+    def load_model(self, model_name_or_config: Union[str, DictConfig], *args, **kwargs):
+        config = model_name_or_config
+        if isinstance(config, str) and config in self._models:
+            config = self._models[config]
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+        if isinstance(config, str):
+            log.info("loading ImageEncoder from %s", config)
+            encoder = load_pickled(config)
+        elif isinstance(config, dict) and set(config) == {"model_name", "pickle_path"}:
+            log.info("loading ImageEncoder of %s from %s", config["model_name"], config["pickle_path"])
+            loaded = load_pickled(config["pickle_path"])
+            encoder = _fb.ImageEncoder(config["model_name"])
+            encoder.load_state_dict(loaded.state_dict() if isinstance(loaded, torch.nn.Module) else loaded)
+        else:
+            return super().load_model(model_name_or_config, *args, **kwargs)
+        if self._train_processor is None and hasattr(encoder, "train_preprocess"):
+            self._train_processor = encoder.train_preprocess
+        if self._test_processor is None and hasattr(encoder, "val_preprocess"):
+            self._test_processor = encoder.val_preprocess
+        return encoder
