@@ -164,7 +164,13 @@ def merge_state_dicts(
                 merged_tv = merged_tv.T
         else:
             merged_tv = task_vectors.mean(dim=0)
-        result = base.to(device=device, dtype=dtype) + scaling_factor * merged_tv
-        merged[name] = result.to(dtype=base.dtype).cpu()
+        result = (base.to(device=device, dtype=dtype) + scaling_factor * merged_tv).to(base.dtype)
+        if not bool(torch.isfinite(result).all()):  # finite in the compute dtype, not in base's
+            raise ValueError(
+                f"parameter '{name}': the merged weights do not fit in {base.dtype} "
+                f"(max |task vector| {float(merged_tv.abs().max()):.3g}, scaling_factor "
+                f"{scaling_factor}); lower the scaling or merge in float32"
+            )
+        merged[name] = result.cpu()
         del task_vectors, merged_tv, result
     return merged

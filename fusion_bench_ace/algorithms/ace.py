@@ -8,6 +8,7 @@ A thin adapter: load the pool, plan which parameters are merged how, hand every 
 from __future__ import annotations
 
 import logging
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -60,10 +61,13 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         transpose_conv1d: bool = False,
         device: str = "cpu",
         diagnostics: bool = True,
-        **kwargs,
     ):
-        super().__init__(**kwargs)
+        # No **kwargs: a misspelt option (+method.epss=...) must fail, not be logged and ignored.
+        super().__init__()
         check_ace_hyperparameters(eps, tau, k_frac)
+        if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
+                or not math.isfinite(scaling_factor):
+            raise ValueError(f"scaling_factor must be a finite number; got {scaling_factor!r}")
         self.layer_info: List[dict] = []
 
     @torch.no_grad()

@@ -170,9 +170,9 @@ class TaskArithmeticNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm)
         global_scale: Union[float, str] = "0.3M",
         eps: float = DEFAULT_EPS,
         remove_keys: Optional[Sequence[str]] = None,
-        **kwargs,
     ):
-        super().__init__(**kwargs)
+        # No **kwargs: a misspelt option (+method.epss=...) must fail, not be logged and ignored.
+        super().__init__()
         check_nan_options(norm_target, granularity, normalize, eps)
         _check_global_scale(global_scale)
         self.coefficients: Optional[NANCoefficients] = None
@@ -232,9 +232,9 @@ class TiesMergingNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm):
         threshold: float = 20,
         merge_func: str = "sum",
         remove_keys: Optional[Sequence[str]] = None,
-        **kwargs,
     ):
-        super().__init__(**kwargs)
+        # No **kwargs: a misspelt option (+method.epss=...) must fail, not be logged and ignored.
+        super().__init__()
         check_nan_options(norm_target, granularity, normalize, eps)
         _check_global_scale(global_scale)
         _check_ties_options(threshold, merge_func)
