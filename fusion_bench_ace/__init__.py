@@ -16,6 +16,8 @@ _LAZY = {
     "ACEMerging": "fusion_bench_ace.algorithms.ace",
     "TaskArithmeticNANAlgorithm": "fusion_bench_ace.algorithms.nan",
     "TiesMergingNANAlgorithm": "fusion_bench_ace.algorithms.nan",
+    "SyMergeAlgorithm": "fusion_bench_ace.algorithms.symerge",
+    "SyMergeCLIPVisionModel": "fusion_bench_ace.algorithms.symerge",
 }
 
 __all__ = ["ace_merge_layer", "ace_merge_layer_with_info", "heterogeneity", *_LAZY]
