@@ -152,7 +152,7 @@ def test_symerge_runs_on_the_reduced_benchmark(reduced_clip_env, tmp_path):
     log_dir, saved = tmp_path / "symerge", tmp_path / "merged"
     result = subprocess.run(
         [FUSION_BENCH, "--config-name", "ace_model_fusion", "method=symerge_mini", "method.rounds=6",
-         "modelpool=ace_mini_clip_tta", "taskpool=ace_mini_clip", "print_config=false",
+         "modelpool=ace_mini_clip_tta", "taskpool=ace_mini_clip", "print_config=false", "seed=0",
          f"path.log_dir={log_dir}", f"merged_model_save_path={saved}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **reduced_clip_env})
