@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import List, Optional, Sequence
 
 import torch
@@ -21,8 +22,9 @@ from ..merging import merge_state_dicts, plan_parameters
 from .common import (
     conv1d_weight_names,
     layer_progress,
-    load_pool_state_dicts,
+    load_pool_experts,
     resolve_device,
+    streaming_mode,
     write_json_beside_report,
 )
 
@@ -48,6 +50,14 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         device: where the merge math runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         diagnostics: record γ, the branch and the refinement rank of every layer, log a summary
             and write ``ace_diagnostics.json`` beside the run's report.
+        streaming: ``auto`` (default) reads the experts tensor by tensor from their safetensors
+            checkpoints when every expert is one (peak memory about one model plus one layer's
+            task vectors, whatever the number of experts), else loads them as models; ``true``
+            requires streaming, ``false`` always loads the experts as models. Same result bit for
+            bit either way (:mod:`fusion_bench_ace.streaming`).
+        spectrum_keys: regexes of 2-D parameters whose singular values of ``W_pre`` and of the
+            final merged task vector are added to the diagnostics (the paper's Fig. 2); plot
+            them with ``python -m fusion_bench_ace.compare diagnostics <ace_diagnostics.json>``.
     """
 
     def __init__(
@@ -61,13 +71,21 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         transpose_conv1d: bool = False,
         device: str = "cpu",
         diagnostics: bool = True,
+        streaming: str = "auto",
+        spectrum_keys: Optional[Sequence[str]] = None,
     ):
         # No **kwargs: a misspelt option (+method.epss=...) must fail, not be logged and ignored.
         super().__init__()
         check_ace_hyperparameters(eps, tau, k_frac)
+        streaming_mode(streaming)
         if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
                 or not math.isfinite(scaling_factor):
             raise ValueError(f"scaling_factor must be a finite number; got {scaling_factor!r}")
+        for pattern in spectrum_keys or ():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"invalid spectrum_keys regex {pattern!r}: {error}") from None
         self.layer_info: List[dict] = []
 
     @torch.no_grad()
@@ -76,7 +94,7 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
             modelpool = BaseModelPool(modelpool)
         device = resolve_device(self.device)
         with self.profile("load models"):
-            pretrained_model, experts = load_pool_state_dicts(modelpool)
+            pretrained_model, experts, streamed = load_pool_experts(modelpool, self.streaming)
         pretrained = pretrained_model.state_dict()
         transpose = conv1d_weight_names(pretrained_model) if self.transpose_conv1d else ()
         plan = plan_parameters(
@@ -87,25 +105,34 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         )
         log.info(
             "ACE-Merging %d experts: %d matrices by ACE, %d averaged, %d kept pretrained "
-            "(eps=%g, tau=%g, k_frac=%g, scaling_factor=%g, device=%s)",
+            "(eps=%g, tau=%g, k_frac=%g, scaling_factor=%g, device=%s, streamed=%s)",
             len(experts), len(plan.matrix), len(plan.average), len(plan.skip),
-            self.eps, self.tau, self.k_frac, self.scaling_factor, device,
+            self.eps, self.tau, self.k_frac, self.scaling_factor, device, streamed,
         )
         self.layer_info = []
 
+        spectrum_patterns = [re.compile(p) for p in (self.spectrum_keys or ())]
+
         def merge_matrix(task_vectors: Tensor, name: str) -> Tensor:
-            info = ace_merge_layer_with_info(task_vectors, self.eps, self.tau, self.k_frac)
-            self.layer_info.append(
-                {
-                    "name": name,
-                    "shape": list(task_vectors.shape[1:]),
-                    "gamma": info.gamma,
-                    "heterogeneous": info.heterogeneous,
-                    "rank_k": info.rank_k,
-                    "tasks_used": info.tasks_used,
-                    "fallback": info.fallback,
-                }
+            spectrum = any(p.match(name) for p in spectrum_patterns)
+            info = ace_merge_layer_with_info(
+                task_vectors, self.eps, self.tau, self.k_frac, keep_preliminary=spectrum
             )
+            row = {
+                "name": name,
+                "shape": list(task_vectors.shape[1:]),
+                "gamma": info.gamma,
+                "heterogeneous": info.heterogeneous,
+                "rank_k": info.rank_k,
+                "tasks_used": info.tasks_used,
+                "fallback": info.fallback,
+            }
+            if spectrum and info.preliminary is not None:  # None: averaged (fallback) layers
+                row["singular_values"] = {
+                    "preliminary": _singular_values(info.preliminary),
+                    "merged": _singular_values(info.merged),
+                }
+            self.layer_info.append(row)
             return info.merged
 
         with self.profile("merge"):
@@ -136,3 +163,8 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
                 "eps": self.eps, "tau": self.tau, "k_frac": self.k_frac,
                 "layers": self.layer_info,
             })
+
+
+def _singular_values(matrix: Tensor) -> List[float]:
+    """Singular values, largest first, computed in float64 (a diagnostic, not the merge)."""
+    return torch.linalg.svdvals(matrix.detach().to(torch.float64)).tolist()

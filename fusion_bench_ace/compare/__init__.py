@@ -3,7 +3,8 @@
 ``python -m fusion_bench_ace.compare run <benchmark>`` runs every method of the benchmark through
 ``fusion_bench`` (FusionBench's Task Arithmetic, TIES, TSV-M beside ours), collects the reports
 and writes ``table.md``, ``table.csv``, ``bars.png`` and ``provenance.json`` into a new timestamped
-directory under the output directory, then points ``latest`` at it. ``sweep`` does the same for a
+directory under the output directory, then points ``latest`` at it; an ACE run's diagnostics (γ per
+layer, spectra) are plotted into ``diagnostics/<method>/``. ``sweep`` does the same for a
 Hydra multirun grid of one method (table + heatmap).
 
 Benchmarks are defined in ``config/compare/<name>.yaml``; the methods every benchmark offers are
@@ -25,6 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from .diagnostics import write_diagnostics
 from .runs import RunResult, log_tail, run_fusion_bench, run_method, sweep_jobs
 from .tables import (
     Row,
@@ -208,6 +210,10 @@ def run_comparison(
         log(f"[compare]   {name:<22} {status} in {result.seconds:.0f} s")
         if result.ok:
             rows.append(measured_row(name, result.report, result.merge_stats, spec["tasks"]))
+            diagnostics = result.log_dir / "ace_diagnostics.json"
+            if diagnostics.is_file():  # gamma per layer and spectra of the ACE run
+                write_diagnostics(diagnostics, run_dir / "diagnostics" / name,
+                                  f"{benchmark}: {name} diagnostics")
         else:
             failures.append(result)
             log(log_tail(result.log_dir))

@@ -1,4 +1,4 @@
-"""``python -m fusion_bench_ace.compare {run,sweep,summarize-sweep,list}``."""
+"""``python -m fusion_bench_ace.compare {run,sweep,summarize-sweep,diagnostics,list}``."""
 
 from __future__ import annotations
 
@@ -36,9 +36,18 @@ def main(argv=None) -> int:
     summary.add_argument("jobs_dir", type=Path, help="the multirun's hydra.sweep.dir")
     summary.add_argument("--params", required=True, help="comma-separated swept override keys")
     summary.add_argument("--out", type=Path, required=True)
+    plots = sub.add_parser("diagnostics", help="plot an ACE run's ace_diagnostics.json")
+    plots.add_argument("json", type=Path, help="<the run's log_dir>/ace_diagnostics.json")
+    plots.add_argument("--out", type=Path, help="default: beside the JSON file")
     sub.add_parser("list", help="list the benchmarks")
     args = parser.parse_args(argv)
 
+    if args.command == "diagnostics":
+        from .diagnostics import write_diagnostics
+
+        for path in write_diagnostics(args.json, args.out):
+            print(path)
+        return 0
     if args.command == "list":
         for name in available_benchmarks():
             print(f"{name:<28} {load_benchmark(name).get('description', '')}")
