@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from fusion_bench import BaseModelPool
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..merging import check_experts_match
+from ..streaming import SafetensorsStateDict, open_expert, safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,101 @@ def load_pool_state_dicts(
         experts[name] = modelpool.load_model(name).state_dict()
     check_experts_match(pretrained, experts)
     return pretrained_model, experts
+
+
+STREAMING_MODES = ("auto", "true", "false")
+
+
+def streaming_mode(value) -> str:
+    """``streaming`` option: ``auto``, ``true`` or ``false`` (YAML booleans accepted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    mode = str(value).lower()
+    if mode not in STREAMING_MODES:
+        raise ValueError(f"streaming must be one of {STREAMING_MODES}; got {value!r}")
+    return mode
+
+
+def model_checkpoint_path(modelpool: BaseModelPool, name: str) -> Tuple[Optional[str], str]:
+    """The local checkpoint a pool model is loaded from, or ``(None, why not)``.
+
+    A model config that is a path string, or a ``{_target_: ...from_pretrained,
+    pretrained_model_name_or_path: path}`` mapping (FusionBench's usual forms), names a
+    checkpoint when the path exists locally; anything else (models built in memory, custom
+    loaders, hub ids not on disk) does not.
+    """
+    config = modelpool._models.get(name) if hasattr(modelpool, "_models") else None
+    if config is None or isinstance(config, nn.Module):
+        return None, "the model is built in memory"
+    if isinstance(config, str):
+        path = config
+    else:
+        try:
+            target = config.get("_target_")
+            path = config.get("pretrained_model_name_or_path")
+        except Exception:  # noqa: BLE001 - any other object: not a checkpoint we can read
+            return None, f"model config of type {type(config).__name__}"
+        if target is not None and not str(target).endswith("from_pretrained"):
+            return None, f"loaded by {target}, not from_pretrained"
+        if not isinstance(path, str):
+            return None, "no pretrained_model_name_or_path"
+    if not os.path.exists(path):
+        return None, f"{path!r} is not a local path"
+    return path, ""
+
+
+def load_pool_experts(
+    modelpool: BaseModelPool, streaming="auto"
+) -> Tuple[nn.Module, Mapping[str, Mapping[str, Tensor]], bool]:
+    """The pretrained model and the experts' state dicts, streamed from safetensors if possible.
+
+    ``streaming``: ``false`` loads every expert as a model (:func:`load_pool_state_dicts`);
+    ``true`` reads every expert lazily from its safetensors checkpoint
+    (:class:`fusion_bench_ace.streaming.SafetensorsStateDict`: one tensor at a time, so the merge
+    holds about one model whatever the number of experts) and raises if one cannot be;
+    ``auto`` streams when every expert can be, else loads in memory. Returns
+    ``(pretrained model, experts, streamed)``.
+    """
+    mode = streaming_mode(streaming)
+    if mode == "false":
+        pretrained_model, experts = load_pool_state_dicts(modelpool)
+        return pretrained_model, experts, False
+    if not modelpool.has_pretrained:
+        return (*load_pool_state_dicts(modelpool), False)  # raises the usual error
+    names = list(modelpool.model_names)
+    paths, reasons = {}, []
+    for name in names:
+        path, why = model_checkpoint_path(modelpool, name)
+        if path is not None and safetensors_files(path) is None:
+            path, why = None, f"{path!r} holds no safetensors weights"
+        if path is None:
+            reasons.append(f"expert '{name}': {why}")
+        paths[name] = path
+    if reasons:
+        if mode == "true":
+            raise ValueError("streaming=true, but not every expert is a local safetensors "
+                             "checkpoint:\n  " + "\n  ".join(reasons))
+        log.info("streaming=auto: loading the experts in memory (%s)", "; ".join(reasons))
+        pretrained_model, experts = load_pool_state_dicts(modelpool)
+        return pretrained_model, experts, False
+
+    pretrained_model = modelpool.load_pretrained_model()
+    pretrained = pretrained_model.state_dict()
+    experts: Dict[str, SafetensorsStateDict] = {}
+    unmatched_any = []
+    for name in names:
+        experts[name], unmatched = open_expert(paths[name], pretrained)
+        if unmatched:
+            unmatched_any.append(f"expert '{name}': {len(unmatched)} names, e.g. {unmatched[:3]}")
+    if unmatched_any and mode == "auto":
+        log.info("streaming=auto: checkpoint keys do not match the model's (%s); loading the "
+                 "experts in memory", "; ".join(unmatched_any))
+        del pretrained_model, pretrained, experts
+        pretrained_model, experts = load_pool_state_dicts(modelpool)
+        return pretrained_model, experts, False
+    check_experts_match(pretrained, {name: state.meta() for name, state in experts.items()})
+    log.info("streaming %d experts tensor by tensor from safetensors checkpoints", len(experts))
+    return pretrained_model, experts, True
 
 
 def conv1d_weight_names(model: nn.Module) -> List[str]:
