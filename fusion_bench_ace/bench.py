@@ -175,8 +175,8 @@ def _measure(fn: Callable[[], Tensor], device: torch.device):
 
 def _task_vectors(shape, num_tasks, heterogeneous, seed, device) -> Tensor:
     generator = torch.Generator(device=device).manual_seed(seed)
-    if heterogeneous:  # two decades of scale: gamma ~ 1-7 >> tau = 0.3 on these shapes
-        scales = torch.logspace(-3, -1, num_tasks)
+    if heterogeneous:  # three decades of scale: gamma ~ 2-7 >> tau = 0.3 on these shapes
+        scales = torch.logspace(-4, -1, num_tasks)
     else:
         scales = torch.full((num_tasks,), 1e-2)
     stacked = torch.randn(num_tasks, *shape, generator=generator, device=device)
