@@ -333,7 +333,7 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fusion_bench_ace"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fusion_bench_ace"],
                                cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
         return commit + (" (fusion_bench_ace/ has uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
