@@ -482,9 +482,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         for run in spec["runs"]:
             impls = [i for i in run["impls"] if i in IMPLS]
             repeats = args.repeats or run["repeats"]
+            excluded = set(run.get("exclude", ()))
+            shapes = [s for s in config["models"][run["model"]] if s[0] not in excluded]
+            label = run["model"] + (f" (without {', '.join(sorted(excluded))})" if excluded else "")
             for num_tasks in run["tasks"]:
-                runs.append(bench_model(run["model"], config["models"][run["model"]], num_tasks,
-                                        impls, repeats, settings, device))
+                runs.append(bench_model(label, shapes, num_tasks, impls, repeats, settings,
+                                        device))
     memory = [] if args.no_memory else memory_curve(spec["memory"], settings)
     header["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report = {"header": header, "runs": runs, "memory": memory, "memory_spec": spec["memory"]}

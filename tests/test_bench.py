@@ -1,0 +1,61 @@
+"""The benchmark runs end to end on tiny shapes; the reference-style ACE agrees with ours."""
+
+import json
+
+import pytest
+import torch
+
+from fusion_bench_ace.ace import ace_merge_layer_with_info
+from fusion_bench_ace.bench import _floor, main
+from fusion_bench_ace.bench_reference import reference_ace_layer, reference_ace_merge
+from ace_reference import naive_ace
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (40, 12), (12, 40)])
+@pytest.mark.parametrize("heterogeneous", [False, True])
+def test_reference_style_agrees_with_ours(shape, heterogeneous):
+    generator = torch.Generator().manual_seed(sum(shape) + heterogeneous)
+    scales = torch.logspace(-3, -1, 6) if heterogeneous else torch.full((6,), 1e-2)
+    stacked = torch.randn(6, *shape, generator=generator, dtype=torch.float64)
+    stacked *= scales.double().view(-1, 1, 1)
+    ours = ace_merge_layer_with_info(stacked, eps=1e-5)
+    assert ours.heterogeneous == heterogeneous
+    reference = reference_ace_layer(list(stacked), eps=1e-5)
+    naive, _ = naive_ace(list(stacked), eps=1e-5)
+    scale = torch.linalg.norm(ours.merged)
+    assert torch.linalg.norm(reference - ours.merged) / scale < 1e-8
+    assert torch.linalg.norm(naive - ours.merged) / scale < 1e-8
+    # float32, as benchmarked
+    ours32 = ace_merge_layer_with_info(stacked.float(), eps=1e-5).merged.double()
+    ref32 = reference_ace_layer(list(stacked.float()), eps=1e-5).double()
+    assert torch.linalg.norm(ref32 - ours32) / scale < 1e-4
+
+
+def test_reference_merge_loops_over_layers():
+    layers = {"a": [torch.randn(5, 4) for _ in range(3)], "b": [torch.randn(4, 6) for _ in range(3)]}
+    merged = reference_ace_merge(layers, eps=1e-3)
+    assert {k: tuple(v.shape) for k, v in merged.items()} == {"a": (5, 4), "b": (4, 6)}
+
+
+def test_floor_runs_both_variants():
+    stacked = torch.randn(3, 10, 30)
+    for wsigma in (False, True):
+        for het in (False, True):
+            assert _floor(stacked, 1e-3, 0.3, 0.3, wsigma=wsigma, heterogeneous=het).shape == (10, 30)
+
+
+def test_bench_end_to_end_tiny(tmp_path):
+    report = main(["--tiny", "--repeats", "1", "--out", str(tmp_path)])
+    md = (tmp_path / "ace_bench_tiny.md").read_text()
+    saved = json.loads((tmp_path / "ace_bench_tiny.json").read_text())
+    assert "command: `python -m fusion_bench_ace.bench --tiny --repeats 1" in md
+    assert "git commit:" in md and "load average" in md and "torch thread" in md
+    (run,) = saved["runs"]
+    assert set(run["impls"]) == {"ours", "reference", "tsvm", "floor", "floor_wsigma"}
+    assert run["branches"]["homogeneous"] > 0 and run["branches"]["heterogeneous"] > 0
+    assert run["impls"]["reference"]["rel_diff"] < 1e-4
+    assert all(row["seconds"] > 0 for row in run["impls"].values())
+    # the memory curve ran ACEMerging in subprocesses, streaming and not, with equal results
+    assert {(r["tasks"], r["streaming"]) for r in saved["memory"]} == {(2, "true"), (2, "false")}
+    assert all(r["peak_rss"] >= r["baseline_rss"] > 0 for r in saved["memory"])
+    assert report["header"]["mode"] == "tiny"
