@@ -105,3 +105,23 @@ def test_ace_multirun_sweep_keeps_every_report(tiny_pool, tmp_path):
         json.loads((r.parent / "ace_diagnostics.json").read_text())["eps"] for r in reports
     )
     assert eps_seen == [1e-5, 1e-2]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method=acee", "Could not find 'method/acee'"),
+        ("method.epss=1", "Could not override 'method.epss'"),
+        ("+method.epss=1", "unexpected keyword argument 'epss'"),
+        ("method.k_frac=1.5", "k_frac must lie in [0, 1]"),
+    ],
+)
+def test_bad_names_and_values_fail_clearly_through_the_cli(tiny_pool, tmp_path, override, message):
+    _, config_dir = tiny_pool
+    args = ["--config-dir", str(config_dir), "method=ace_gpt2", "modelpool=tiny_gpt2_test",
+            "taskpool=tiny_gpt2_test", f"path.log_dir={tmp_path}/logs", override]
+    result = subprocess.run([FUSION_BENCH, *args], cwd=tmp_path, env=OFFLINE, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "logs" / "program_report.json").exists()
