@@ -32,3 +32,17 @@ def reduced_clip_env(tmp_path_factory):
     with patched_environ(env):
         build(["clip"], progress=False)
     return env
+
+
+@pytest.fixture(scope="session")
+def reduced_gpt2_env(tmp_path_factory):
+    """Environment pointing at a session cache holding the reduced GPT-2 track (built here)."""
+    from fusion_bench_ace.mini import build
+
+    env = {
+        "FUSION_BENCH_ACE_CACHE": str(tmp_path_factory.mktemp("mini_gpt2_cache")),
+        "FUSION_BENCH_ACE_MINI_SIZE": "reduced",
+    }
+    with patched_environ(env):
+        build(["gpt2"], progress=False)
+    return env

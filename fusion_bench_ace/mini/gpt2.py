@@ -1,0 +1,368 @@
+"""The GPT-2 track of the embedded benchmark: a small GLUE-like classification pool from nothing.
+
+``build(out_dir, settings, progress)`` writes, with no download and deterministically for a seed:
+
+- ``tokenizer/``: a byte-level BPE (``vocab.json`` + ``merges.txt``) trained on the generated text,
+  loadable by ``transformers.GPT2Tokenizer`` and FusionBench's ``load_gpt2_tokenizer``;
+- ``pretrained/``: a small GPT-2 pretrained as a causal LM on a generated corpus that covers the
+  vocabulary of every task (the stand-in for ``gpt2``);
+- ``experts/<task>/``: one ``GPT2ForSequenceClassification`` per task of ``text_tasks.TASKS``,
+  its whole backbone fine-tuned from ``pretrained/`` under a ``score`` head that stays at its
+  seeded random initialisation unless ``train_score_head`` (the stand-ins for
+  ``tanganke/gpt2_<glue task>``);
+- ``data/<task>/{train,test}/``: ``datasets`` saved with ``save_to_disk`` (``input_ids``,
+  ``attention_mask``, ``labels``; right-padded to a fixed length), plus the texts as
+  ``{train,test}.jsonl`` for people to read;
+- ``tasks.json``: what each task is.
+
+FusionBench's GPT-2 pool merges the ``GPT2Model`` backbones and its task pool re-attaches each
+task's own ``score`` head, so the accuracies measured here at build time follow that protocol: the
+"pretrained" row is the pretrained backbone under each expert's head. Every number comes from
+``settings`` (``config/mini/gpt2.yaml``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from contextlib import contextmanager
+from copy import deepcopy
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+
+import datasets
+import torch
+from datasets import Dataset
+from tokenizers import ByteLevelBPETokenizer
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    GPT2Tokenizer,
+)
+
+from .text_tasks import TASKS, Example, TextTask, make_splits, pretraining_corpus
+
+END_OF_TEXT = "<|endoftext|>"
+"""GPT-2's only special token: document separator in pretraining and, as FusionBench's
+``load_gpt2_tokenizer`` makes the unknown token the pad token, the padding of every example."""
+
+Batch = Dict[str, Tensor]
+
+
+def say(message: str) -> None:
+    tqdm.write(f"[fusion_bench_ace.mini gpt2] {message}")
+
+
+def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    seed = settings["seed"]
+    with deterministic_torch(settings["num_threads"]):
+        say(f"generating {len(TASKS)} tasks and a pretraining corpus (seed {seed})")
+        splits = {
+            name: make_splits(task, seed, settings["train_size"], settings["test_size"])
+            for name, task in TASKS.items()
+        }
+        corpus = pretraining_corpus(seed, settings["pretrain_documents"])
+        training_texts = [e.text for train, _ in splits.values() for e in train]
+        tokenizer = train_tokenizer(corpus + training_texts, out_dir / "tokenizer", settings)
+
+        encoded = {}
+        for name, (train, test) in splits.items():
+            encoded[name] = {
+                split: encode_examples(tokenizer, examples, settings["seq_len"])
+                for split, examples in (("train", train), ("test", test))
+            }
+            save_task_data(out_dir / "data" / name, encoded[name], {"train": train, "test": test})
+
+        config = model_config(settings, len(tokenizer), tokenizer.pad_token_id)
+        language_model = pretrain(config, tokenizer, corpus, settings, progress)
+        language_model.save_pretrained(out_dir / "pretrained")
+
+        experts = {}
+        for name, task in TASKS.items():
+            experts[name] = finetune(task, language_model.transformer, encoded[name]["train"],
+                                     config, settings, progress)
+            experts[name].save_pretrained(out_dir / "experts" / name)
+
+        metrics = measure(language_model.transformer, experts, encoded, settings)
+    write_task_descriptions(out_dir / "tasks.json", splits)
+    say("accuracies: " + json.dumps(metrics["summary"]))
+    return {
+        "tasks": list(TASKS),
+        "num_parameters": sum(p.numel() for p in language_model.transformer.parameters()),
+        "metrics": metrics,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# determinism
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def deterministic_torch(num_threads: int) -> Iterator[None]:
+    """Deterministic kernels on a fixed number of CPU threads (float sums do not depend on the
+    machine's core count), and torch's global RNG (model init, dropout) and thread count restored
+    afterwards, so building does not disturb the caller. Every stage reseeds with ``stage_seed``."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(num_threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """An independent, stable seed per stage: adding a task does not change the others."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stage}".encode()).digest()[:4], "little")
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer and data
+# --------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Sequence[str], directory: Path, settings: dict) -> GPT2Tokenizer:
+    """Train a byte-level BPE on ``texts``, save it as GPT-2 files and load it the way FusionBench
+    does (``load_gpt2_tokenizer``: the unknown token, ``<|endoftext|>``, pads)."""
+    say(f"training a byte-level BPE tokenizer (vocabulary {settings['vocab_size']})")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=settings["vocab_size"], min_frequency=2,
+                            special_tokens=[END_OF_TEXT], show_progress=False)
+    directory.mkdir(parents=True)
+    bpe.save_model(str(directory))
+    tokenizer = GPT2Tokenizer.from_pretrained(str(directory))
+    tokenizer.pad_token = tokenizer.unk_token
+    assert tokenizer.pad_token == END_OF_TEXT
+    return tokenizer
+
+
+def encode_examples(tokenizer: GPT2Tokenizer, examples: Sequence[Example], seq_len: int) -> Batch:
+    """``input_ids``/``attention_mask`` right-padded to ``seq_len``, and ``labels``."""
+    encoded = tokenizer([e.text for e in examples], padding="max_length", max_length=seq_len,
+                        truncation=False)
+    longest = max(sum(mask) for mask in encoded["attention_mask"])
+    if longest > seq_len:  # truncating could cut off what decides the label
+        raise ValueError(f"an example has {longest} tokens: raise seq_len ({seq_len})")
+    return {
+        "input_ids": torch.tensor(encoded["input_ids"]),
+        "attention_mask": torch.tensor(encoded["attention_mask"]),
+        "labels": torch.tensor([e.label for e in examples]),
+    }
+
+
+def save_task_data(directory: Path, encoded: Dict[str, Batch], texts: Dict[str, List[Example]]
+                   ) -> None:
+    for split, columns in encoded.items():
+        with quiet_datasets():
+            Dataset.from_dict({k: v.tolist() for k, v in columns.items()}).save_to_disk(
+                str(directory / split))
+        with open(directory / f"{split}.jsonl", "w") as handle:
+            for example in texts[split]:
+                handle.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No "Saving the dataset" bar for each of the many small splits."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def write_task_descriptions(path: Path, splits: Dict[str, Tuple[list, list]]) -> None:
+    described = {
+        name: {"glue_task": task.glue_task, "description": task.description,
+               "label_names": list(task.label_names), "train_size": len(splits[name][0]),
+               "test_size": len(splits[name][1])}
+        for name, task in TASKS.items()
+    }
+    path.write_text(json.dumps(described, indent=1))
+
+
+def pack_corpus(tokenizer: GPT2Tokenizer, corpus: Sequence[str], block: int) -> Tensor:
+    """The corpus as one token stream, documents separated by ``<|endoftext|>`` as in GPT-2's
+    pretraining, cut into ``block``-token rows (the incomplete last row is dropped)."""
+    stream: List[int] = []
+    for ids in tokenizer(list(corpus))["input_ids"]:
+        stream += ids + [tokenizer.eos_token_id]
+    rows = len(stream) // block
+    return torch.tensor(stream[: rows * block]).view(rows, block)
+
+
+# --------------------------------------------------------------------------------------------
+# models and training
+# --------------------------------------------------------------------------------------------
+
+
+def model_config(settings: dict, vocab_size: int, pad_token_id: int) -> GPT2Config:
+    if settings["seq_len"] > settings["n_positions"]:
+        raise ValueError("seq_len must not exceed n_positions")
+    dropout = settings["dropout"]
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=settings["n_positions"], n_embd=settings["n_embd"],
+        n_layer=settings["n_layer"], n_head=settings["n_head"], resid_pdrop=dropout,
+        embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=pad_token_id,
+        eos_token_id=pad_token_id, pad_token_id=pad_token_id,
+    )
+
+
+def pretrain(config: GPT2Config, tokenizer: GPT2Tokenizer, corpus: Sequence[str], settings: dict,
+             progress: bool) -> GPT2LMHeadModel:
+    blocks = pack_corpus(tokenizer, corpus, settings["seq_len"])
+    torch.manual_seed(stage_seed(settings["seed"], "pretrain/init"))
+    model = GPT2LMHeadModel(config)
+    say(f"pretraining a GPT-2 ({sum(p.numel() for p in model.transformer.parameters()):,} "
+        f"backbone parameters) as a causal LM on {blocks.numel():,} tokens")
+
+    def next_token_loss(model, batch: Batch) -> Tensor:
+        # packed blocks have no padding; the explicit mask says so (pad and eos are one token)
+        ids = batch["input_ids"]
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+
+    train(model, {"input_ids": blocks}, next_token_loss, steps=settings["pretrain_steps"],
+          batch_size=settings["pretrain_batch_size"], lr=settings["pretrain_lr"],
+          settings=settings, stage="pretrain", progress=progress)
+    return model
+
+
+def finetune(task: TextTask, backbone: GPT2Model, data: Batch, config: GPT2Config, settings: dict,
+             progress: bool) -> GPT2ForSequenceClassification:
+    """Fine-tune the whole backbone under a fresh ``score`` head (trained too if
+    ``train_score_head``)."""
+    torch.manual_seed(stage_seed(settings["seed"], f"finetune/{task.name}/init"))
+    expert_config = GPT2Config(**{
+        **config.to_dict(), "num_labels": task.num_labels,
+        "id2label": dict(enumerate(task.label_names)),
+        "label2id": {label: i for i, label in enumerate(task.label_names)},
+    })
+    model = GPT2ForSequenceClassification(expert_config)
+    model.transformer.load_state_dict(backbone.state_dict())
+    # A fixed random head puts what the expert learns into the backbone, the part FusionBench
+    # merges; a trained head would also learn to read features the pretrained model already
+    # has, so the pretrained row (pretrained backbone under this head) would not be a baseline.
+    model.score.requires_grad_(settings["train_score_head"])
+
+    def classification_loss(model, batch: Batch) -> Tensor:
+        batch = trim_padding(batch)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
+
+    train(model, data, classification_loss, steps=settings["finetune_steps"],
+          batch_size=settings["finetune_batch_size"], lr=settings["finetune_lr"],
+          settings=settings, stage=f"finetune {task.name}", progress=progress)
+    return model
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """Drop the columns that are padding in every row: same result (pads are right of every
+    real token and masked), less compute."""
+    width = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+
+
+def train(model: torch.nn.Module, data: Batch, loss_fn: Callable[[torch.nn.Module, Batch], Tensor],
+          *, steps: int, batch_size: int, lr: float, settings: dict, stage: str,
+          progress: bool) -> None:
+    """AdamW with linear warm-up and decay, on batches in a seeded order."""
+    seed = stage_seed(settings["seed"], stage)
+    torch.manual_seed(seed)  # dropout
+    order = torch.Generator().manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings["weight_decay"])
+    warmup = max(1, int(settings["warmup_fraction"] * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(warmup, steps))
+    num_rows = len(next(iter(data.values())))
+    model.train()
+    bar = tqdm(range(steps), desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
+    running = math.nan
+    for step, rows in zip(bar, shuffled_batches(num_rows, batch_size, order)):
+        loss = loss_fn(model, {k: v[rows] for k, v in data.items()})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{running:.3f}")
+    model.eval()
+    say(f"{stage}: {steps} steps, final loss {running:.3f}")
+
+
+def warmup_then_linear_decay(warmup: int, steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        return min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+
+    return factor
+
+
+def shuffled_batches(num_rows: int, batch_size: int, generator: torch.Generator
+                     ) -> Iterator[Tensor]:
+    """Row indices, epoch after epoch, each epoch in a fresh seeded permutation."""
+    while True:
+        permutation = torch.randperm(num_rows, generator=generator)
+        for start in range(0, num_rows - batch_size + 1, batch_size):
+            yield permutation[start: start + batch_size]
+
+
+# --------------------------------------------------------------------------------------------
+# build-time measurements (FusionBench's protocol: backbone under each task's own head)
+# --------------------------------------------------------------------------------------------
+
+
+def measure(pretrained: GPT2Model, experts: Dict[str, GPT2ForSequenceClassification],
+            encoded: Dict[str, Dict[str, Batch]], settings: dict) -> dict:
+    say("measuring pretrained, experts and their simple average on every test set")
+    average = simple_average([expert.transformer for expert in experts.values()])
+    backbones = {"pretrained": pretrained, "simple_average": average}
+    rows: Dict[str, Dict[str, float]] = {"pretrained": {}, "expert": {}, "simple_average": {}}
+    for name, expert in experts.items():
+        test = encoded[name]["test"]
+        batch_size = settings["eval_batch_size"]
+        rows["expert"][name] = accuracy(expert, test, batch_size)
+        for row, backbone in backbones.items():
+            rows[row][name] = accuracy(with_backbone(expert, backbone), test, batch_size)
+    summary = {row: {**values, "average": sum(values.values()) / len(values)}
+               for row, values in rows.items()}
+    return {"accuracy": summary, "summary": {row: round(v["average"], 4)
+                                            for row, v in summary.items()}}
+
+
+def simple_average(backbones: Sequence[GPT2Model]) -> GPT2Model:
+    merged = deepcopy(backbones[0])
+    states = [b.state_dict() for b in backbones]
+    merged.load_state_dict({k: torch.stack([s[k] for s in states]).mean(dim=0)
+                            for k in states[0]})
+    return merged
+
+
+def with_backbone(classifier: GPT2ForSequenceClassification, backbone: GPT2Model
+                  ) -> GPT2ForSequenceClassification:
+    """``classifier``'s head on ``backbone``, as FusionBench's ``get_classifier`` does."""
+    combined = deepcopy(classifier)
+    combined.transformer = deepcopy(backbone)
+    return combined.eval()
+
+
+@torch.no_grad()
+def accuracy(classifier: GPT2ForSequenceClassification, data: Batch, batch_size: int) -> float:
+    correct = 0
+    for start in range(0, len(data["labels"]), batch_size):
+        batch = trim_padding({k: v[start: start + batch_size] for k, v in data.items()})
+        logits = classifier(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+    return correct / len(data["labels"])

@@ -1,0 +1,102 @@
+"""The embedded GPT-2 track: text-task generators, a reduced build, FusionBench loading it offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import patched_environ
+from fusion_bench_ace.mini import build, track_path
+from fusion_bench_ace.mini.text_tasks import TASKS, make_splits, pretraining_corpus
+
+FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
+
+
+def run_cli(args, env, cwd):
+    return subprocess.run([FUSION_BENCH, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=600)
+
+
+# --- text-task generators -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_are_deterministic_balanced_and_disjoint(name):
+    task = TASKS[name]
+    train, test = make_splits(task, 0, 60, 40)
+    again = make_splits(task, 0, 60, 40)
+    other = make_splits(task, 1, 60, 40)
+    assert (train, test) == again
+    assert (train, test) != other
+    assert len(train) == 60 and len(test) == 40
+    for split in (train, test):
+        counts = [sum(e.label == label for e in split) for label in range(task.num_labels)]
+        assert max(counts) - min(counts) <= 1
+    assert not {e.text for e in train} & {e.text for e in test}
+
+
+def test_pretraining_corpus_is_deterministic():
+    assert pretraining_corpus(0, 50) == pretraining_corpus(0, 50)
+    assert pretraining_corpus(0, 50) != pretraining_corpus(1, 50)
+
+
+# --- build ----------------------------------------------------------------------------------------
+
+
+def test_reduced_build_is_complete(reduced_gpt2_env):
+    with patched_environ(reduced_gpt2_env):
+        root = Path(track_path("gpt2"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["size"] == "reduced" and manifest["tasks"] == list(TASKS)
+    assert (root / "tokenizer" / "vocab.json").is_file()
+    assert (root / "pretrained" / "model.safetensors").is_file()
+    for task in TASKS:
+        assert (root / "experts" / task / "model.safetensors").is_file()
+        assert (root / "data" / task / "test" / "dataset_info.json").is_file()
+    assert set(json.loads((root / "tasks.json").read_text())) == set(TASKS)
+
+
+def test_build_is_deterministic(reduced_gpt2_env, tmp_path):
+    with patched_environ({**reduced_gpt2_env, "FUSION_BENCH_ACE_CACHE": str(tmp_path)}):
+        build(["gpt2"], progress=False)
+        second = Path(track_path("gpt2"))
+    with patched_environ(reduced_gpt2_env):
+        first = Path(track_path("gpt2"))
+    for part in ["pretrained", *(f"experts/{t}" for t in TASKS)]:
+        a = load_file(first / part / "model.safetensors")
+        b = load_file(second / part / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    for name in ("vocab.json", "merges.txt"):
+        assert (first / "tokenizer" / name).read_bytes() == (second / "tokenizer" / name).read_bytes()
+
+
+# --- through FusionBench --------------------------------------------------------------------------
+
+
+def test_fusion_bench_pretrained_matches_the_build(reduced_gpt2_env, tmp_path):
+    """FusionBench's pool and task pool load the track offline; the pretrained backbone under each
+    expert's head scores what the builder measured with the same protocol."""
+    result = run_cli(["method=dummy", "modelpool=ace_mini_gpt2", "taskpool=ace_mini_gpt2",
+                      f"path.log_dir={tmp_path}/dummy"], reduced_gpt2_env, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "dummy" / "program_report.json").read_text())
+    with patched_environ(reduced_gpt2_env):
+        manifest = json.loads((Path(track_path("gpt2")) / "manifest.json").read_text())
+    measured = manifest["metrics"]["accuracy"]["pretrained"]
+    for task in TASKS:
+        assert report[task]["accuracy"] == pytest.approx(measured[task], abs=1e-6)
+
+
+def test_ace_runs_on_the_built_track(reduced_gpt2_env, tmp_path):
+    result = run_cli(["method=ace", "modelpool=ace_mini_gpt2", "taskpool=ace_mini_gpt2",
+                      f"path.log_dir={tmp_path}/ace"], reduced_gpt2_env, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "ace" / "program_report.json").read_text())
+    for task in TASKS:
+        assert 0.0 <= report[task]["accuracy"] <= 1.0
