@@ -33,7 +33,10 @@ def test_two_methods_write_table_csv_plot_and_keep_earlier_runs(reduced_clip_env
     assert (out / "latest").resolve() == first.resolve()
     provenance = json.loads((first / "provenance.json").read_text())
     assert provenance["track_manifest"]["size"] == "reduced"
-    assert provenance["benchmark"]["methods"]["ace"] == ["method=ace_vit"]
+    assert provenance["benchmark"]["methods"]["ace"][0] == "method=ace_vit"
+    # the benchmark's ACE run records spectra, and the runner plots its diagnostics
+    for name in ("diagnostics.md", "gamma.png", "spectra.png"):
+        assert (first / "diagnostics" / "ace" / name).is_file(), name
 
     with patched_environ(reduced_clip_env):
         second = run_comparison("mini_clip", ["pretrained"], out, ["run"], log=lambda *_: None)
