@@ -115,9 +115,10 @@ def stacked_task_vectors(
 ) -> Tensor:
     """``(T, *shape)`` task vectors of one parameter, checked for NaN/Inf per expert."""
     base = pretrained.to(device=device, dtype=dtype)
-    stacked = torch.stack(
-        [state[name].to(device=device, dtype=dtype) - base for state in experts.values()]
-    )
+    # filled in place: with lazy experts only one expert's tensor is held besides the stack
+    stacked = torch.empty((len(experts), *base.shape), dtype=dtype, device=device)
+    for index, state in enumerate(experts.values()):
+        torch.sub(state[name].to(device=device, dtype=dtype), base, out=stacked[index])
     try:
         check_finite(stacked, what="expert", names=list(experts))
     except ValueError as error:
