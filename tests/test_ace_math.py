@@ -230,3 +230,21 @@ def test_bad_inputs(bad):
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ace_merge_layer([torch.ones(3, 4), 2 * torch.ones(3, 4)], **kwargs)
+
+
+@pytest.mark.parametrize("scales", [[1.0] * 4, [1e-2, 1.0, 3e-1, 1e1]])
+def test_float32_rank_deficient_short_layer_matches_float64(scales):
+    """T (d_out - 1) < d_in: the summed Gram is singular and only eps regularises it.
+
+    float32 arithmetic there is amplified by ~1/eps (relative error ~0.3 before the fix); such
+    layers are computed in float64 and cast back.
+    """
+    generator = torch.Generator().manual_seed(3)
+    task_vectors = torch.stack(
+        [s * torch.randn(5, 60, generator=generator, dtype=torch.float64) for s in scales]
+    )
+    expected, _ = naive_ace(task_vectors, eps=1e-5)
+    merged = ace_merge_layer(task_vectors.float(), eps=1e-5)
+    assert merged.dtype == torch.float32
+    relative = float((merged.double() - expected).norm() / expected.norm())
+    assert relative < 1e-5
