@@ -138,7 +138,8 @@ def provenance(argv: Sequence[str], spec: dict, extra: Optional[dict] = None) ->
         except PackageNotFoundError:
             return None
 
-    status = _git("status", "--porcelain")
+    # dirty = tracked code or config changed; results (this run's own output among them) don't count
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {
         "command": " ".join(["python -m fusion_bench_ace.compare", *argv]),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
