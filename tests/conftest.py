@@ -20,29 +20,24 @@ def patched_environ(values):
                 os.environ[key] = old
 
 
-@pytest.fixture(scope="session")
-def reduced_clip_env(tmp_path_factory):
-    """Environment pointing at a session cache holding the reduced CLIP track (built here)."""
+def _reduced_track_env(track, tmp_path_factory):
+    """Environment pointing at a fresh session cache holding the reduced ``track`` (built here)."""
     from fusion_bench_ace.mini import build
 
     env = {
-        "FUSION_BENCH_ACE_CACHE": str(tmp_path_factory.mktemp("mini_cache")),
+        "FUSION_BENCH_ACE_CACHE": str(tmp_path_factory.mktemp(f"mini_{track}_cache")),
         "FUSION_BENCH_ACE_MINI_SIZE": "reduced",
     }
     with patched_environ(env):
-        build(["clip"], progress=False)
+        build([track], progress=False)
     return env
+
+
+@pytest.fixture(scope="session")
+def reduced_clip_env(tmp_path_factory):
+    return _reduced_track_env("clip", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def reduced_gpt2_env(tmp_path_factory):
-    """Environment pointing at a session cache holding the reduced GPT-2 track (built here)."""
-    from fusion_bench_ace.mini import build
-
-    env = {
-        "FUSION_BENCH_ACE_CACHE": str(tmp_path_factory.mktemp("mini_gpt2_cache")),
-        "FUSION_BENCH_ACE_MINI_SIZE": "reduced",
-    }
-    with patched_environ(env):
-        build(["gpt2"], progress=False)
-    return env
+    return _reduced_track_env("gpt2", tmp_path_factory)

@@ -201,3 +201,19 @@ def test_symerge_needs_test_datasets_in_the_pool():
         SyMergeAlgorithm(rounds=1)._check_pool(pool)
     with pytest.raises(ValueError, match="loss"):
         SyMergeAlgorithm(loss="entropy")
+
+
+def test_symerge_is_deterministic_given_its_seed(reduced_clip_env, tmp_path):
+    """No program-level seed: the method's own ``seed`` fixes the task and data order."""
+    coefficients = []
+    for run in ("a", "b"):
+        log_dir = tmp_path / run
+        result = subprocess.run(
+            [FUSION_BENCH, "method=symerge_mini", "method.rounds=3", "modelpool=ace_mini_clip_tta",
+             "taskpool=ace_mini_clip", "print_config=false", f"path.log_dir={log_dir}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **reduced_clip_env})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        info = json.loads((log_dir / "symerge_coefficients.json").read_text())
+        coefficients.append((info["round_loss"], info["coefficients"]))
+    assert coefficients[0] == coefficients[1]

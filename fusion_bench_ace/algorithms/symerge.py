@@ -185,7 +185,7 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
         train_heads: train the task-specific layers (``false``: coefficients only, an ablation).
         loss: ``crosspseudoconf`` (SyMerge), ``crosspseudo`` or ``selfentropy`` (ablations).
         shuffle_tasks: shuffle the task order every round (paper: yes).
-        seed: seed of the task order (the data order follows the program's ``seed``).
+        seed: seed of the task order and the data order (``None``: the program's ``seed``).
         num_workers: data loader workers.
         zero_shot_clip_model: the full CLIP model whose text tower builds the zero-shot heads, i.e.
             the experts' frozen heads (the task pool's ``base_model``); ``null``: the pool's
@@ -273,6 +273,8 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
 
     def run(self, modelpool: BaseModelPool) -> SyMergeCLIPVisionModel:
         self.modelpool = modelpool
+        if self.seed is not None:  # the data order (shuffled test loaders) and anything else random
+            torch.manual_seed(self.seed)
         tasks = self._check_pool(modelpool)
         with self.profile("zero-shot heads"):
             self._setup_heads(tasks)
