@@ -42,6 +42,17 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(re.match(pattern, name) for pattern in patterns)
 
 
+def compile_patterns(patterns: Sequence[str], what: str) -> List["re.Pattern[str]"]:
+    """Compiled ``patterns``; an invalid one raises ``ValueError`` naming ``what`` it is for."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"invalid {what} regex {pattern!r}: {error}") from None
+    return compiled
+
+
 def plan_parameters(
     pretrained: StateDict,
     *,
@@ -50,11 +61,7 @@ def plan_parameters(
     transpose_keys: Iterable[str] = (),
 ) -> ParameterPlan:
     """Sort the pretrained model's parameters into matrix / average / skip."""
-    for pattern in [*exclude_keys, *average_keys]:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"invalid parameter-name regex {pattern!r}: {error}") from None
+    compile_patterns([*exclude_keys, *average_keys], "parameter-name")
     plan = ParameterPlan(transpose=frozenset(transpose_keys))
     for name, tensor in pretrained.items():
         if not tensor.is_floating_point() or _matches(name, exclude_keys):

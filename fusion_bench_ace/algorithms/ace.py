@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import List, Optional, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from fusion_bench.mixins import SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
 from ..ace import ace_merge_layer_with_info, check_ace_hyperparameters
-from ..merging import merge_state_dicts, plan_parameters
+from ..merging import compile_patterns, merge_state_dicts, plan_parameters
 from .common import (
     conv1d_weight_names,
     layer_progress,
@@ -81,11 +80,7 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
                 or not math.isfinite(scaling_factor):
             raise ValueError(f"scaling_factor must be a finite number; got {scaling_factor!r}")
-        for pattern in spectrum_keys or ():
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"invalid spectrum_keys regex {pattern!r}: {error}") from None
+        self._spectrum_patterns = compile_patterns(list(spectrum_keys or ()), "spectrum_keys")
         self.layer_info: List[dict] = []
 
     @torch.no_grad()
@@ -111,10 +106,8 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         )
         self.layer_info = []
 
-        spectrum_patterns = [re.compile(p) for p in (self.spectrum_keys or ())]
-
         def merge_matrix(task_vectors: Tensor, name: str) -> Tensor:
-            spectrum = any(p.match(name) for p in spectrum_patterns)
+            spectrum = any(p.match(name) for p in self._spectrum_patterns)
             info = ace_merge_layer_with_info(
                 task_vectors, self.eps, self.tau, self.k_frac, keep_preliminary=spectrum
             )
