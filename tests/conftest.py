@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,15 @@ def reduced_clip_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reduced_gpt2_env(tmp_path_factory):
     return _reduced_track_env("gpt2", tmp_path_factory)
+
+
+def assert_same_safetensors(first: Path, second: Path, parts) -> None:
+    """Each ``<part>/model.safetensors`` holds bit-identical tensors under both roots."""
+    import torch
+    from safetensors.torch import load_file
+
+    for part in parts:
+        a = load_file(Path(first) / part / "model.safetensors")
+        b = load_file(Path(second) / part / "model.safetensors")
+        assert a.keys() == b.keys(), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part

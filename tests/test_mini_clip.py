@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import patched_environ
+from conftest import assert_same_safetensors, patched_environ
 from fusion_bench_ace.mini import NotBuiltError, build, track_dir, track_path
 from fusion_bench_ace.mini.cache import build_atomically, is_built
 from fusion_bench_ace.mini.clip import TASK_ORDER
@@ -68,11 +66,7 @@ def test_build_is_deterministic(reduced_clip_env, tmp_path):
         second = Path(track_path("clip"))
     with patched_environ(reduced_clip_env):
         first = Path(track_path("clip"))
-    for part in ["pretrained", *(f"experts/{t}" for t in TASK_ORDER)]:
-        a = load_file(first / part / "model.safetensors")
-        b = load_file(second / part / "model.safetensors")
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert_same_safetensors(first, second, ["pretrained", *(f"experts/{t}" for t in TASK_ORDER)])
 
 
 def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path):

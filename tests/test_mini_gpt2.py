@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import patched_environ
+from conftest import assert_same_safetensors, patched_environ
 from fusion_bench_ace.mini import build, track_path
 from fusion_bench_ace.mini.text_tasks import TASKS, make_splits, pretraining_corpus
 
@@ -67,11 +65,7 @@ def test_build_is_deterministic(reduced_gpt2_env, tmp_path):
         second = Path(track_path("gpt2"))
     with patched_environ(reduced_gpt2_env):
         first = Path(track_path("gpt2"))
-    for part in ["pretrained", *(f"experts/{t}" for t in TASKS)]:
-        a = load_file(first / part / "model.safetensors")
-        b = load_file(second / part / "model.safetensors")
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert_same_safetensors(first, second, ["pretrained", *(f"experts/{t}" for t in TASKS)])
     for name in ("vocab.json", "merges.txt"):
         assert (first / "tokenizer" / name).read_bytes() == (second / "tokenizer" / name).read_bytes()
 
