@@ -1,18 +1,20 @@
 """fusion_bench_ace: data-free and test-time model merging methods for FusionBench.
 
-The merge math (``fusion_bench_ace.ace`` and friends) imports only torch. The FusionBench
-algorithm classes are exported lazily, so importing the math never imports FusionBench.
+Every name below is imported on first access (PEP 562): importing the package (or a light
+submodule such as :mod:`fusion_bench_ace.paths`, which the Hydra plugin reads) imports neither
+torch nor FusionBench, and importing the merge math never imports FusionBench.
 """
 
 from importlib import import_module
 from typing import Any
 
-from .ace import ace_merge_layer, ace_merge_layer_with_info, heterogeneity
-
 __version__ = "0.1.0"
 
-# name -> module holding it; imported on first access (PEP 562)
+# name -> module holding it
 _LAZY = {
+    "ace_merge_layer": "fusion_bench_ace.ace",
+    "ace_merge_layer_with_info": "fusion_bench_ace.ace",
+    "heterogeneity": "fusion_bench_ace.ace",
     "ACEMerging": "fusion_bench_ace.algorithms.ace",
     "TaskArithmeticNANAlgorithm": "fusion_bench_ace.algorithms.nan",
     "TiesMergingNANAlgorithm": "fusion_bench_ace.algorithms.nan",
@@ -20,7 +22,7 @@ _LAZY = {
     "SyMergeCLIPVisionModel": "fusion_bench_ace.algorithms.symerge",
 }
 
-__all__ = ["ace_merge_layer", "ace_merge_layer_with_info", "heterogeneity", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

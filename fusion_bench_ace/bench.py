@@ -44,13 +44,13 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "config" / "bench" / "ace.yaml"
+from .paths import PACKAGE_DIR, config_dir
+
 IMPLS = ("ours", "reference", "tsvm", "floor", "floor_wsigma")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -305,8 +305,9 @@ def memory_curve(spec: dict, settings: dict, log=print) -> List[dict]:
                 command = [sys.executable, "-m", "fusion_bench_ace.bench", "--memory-worker",
                            root, str(num_tasks), streaming, "--threads", str(settings["threads"])]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+                # run from the directory holding this package, so the worker imports this copy
                 done = subprocess.run(command, capture_output=True, text=True, env=env,
-                                      cwd=REPO_ROOT, timeout=1800)
+                                      cwd=PACKAGE_DIR.parent, timeout=1800)
                 if done.returncode != 0:
                     raise RuntimeError(f"memory worker failed:\n{done.stderr[-3000:]}")
                 row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -338,10 +339,10 @@ def machine_info(threads: int, device: torch.device) -> dict:
 
 def git_commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR.parent, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fusion_bench_ace"],
-                               cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+                               cwd=PACKAGE_DIR.parent, capture_output=True, text=True).stdout.strip()
         return commit + (" (fusion_bench_ace/ has uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -441,10 +442,12 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_config(path: Path) -> dict:
+def load_settings(path: Optional[str | Path] = None) -> Tuple[Path, dict]:
+    """``(settings file, its contents)``; default: ``bench/ace.yaml`` of the package's configs."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    path = Path(path) if path else config_dir() / "bench" / "ace.yaml"
+    return path, OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -457,7 +460,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                        help="8, 14, 20 tasks everywhere (long)")
     group.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                        help="tiny shapes, for tests")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--config", default=None,
+                        help="settings file (default: bench/ace.yaml of the package's configs)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: config)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: config)")
     parser.add_argument("--repeats", type=int, default=None, help="override every run's repeats")
@@ -466,7 +470,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--memory-worker", nargs=3, metavar=("ROOT", "T", "STREAMING"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    config = _load_config(Path(args.config))
+    config_path, config = load_settings(args.config)
     settings = {k: config[k] for k in ("eps", "tau", "k_frac", "seed", "threads")}
     if args.threads is not None:
         settings["threads"] = args.threads
@@ -485,6 +489,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     header = {
         "mode": mode,
         "command": " ".join(["python -m fusion_bench_ace.bench", *argv_used]).strip(),
+        "config": str(config_path),
         "commit": git_commit(),
         "machine": machine_info(settings["threads"], device),
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -510,9 +515,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     text = render(report)
     print()
     print(text)
-    out = Path(args.out or config["out"])
-    if not out.is_absolute():
-        out = REPO_ROOT / out if args.out is None else Path.cwd() / out
+    out = Path(args.out or config["out"]).resolve()  # relative to the working directory
     out.mkdir(parents=True, exist_ok=True)
     (out / f"ace_bench_{mode}.md").write_text(text)
     (out / f"ace_bench_{mode}.json").write_text(json.dumps(report, indent=1) + "\n")

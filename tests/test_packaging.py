@@ -1,5 +1,6 @@
 """A built wheel (non-editable install) ships the configs and the Hydra plugin that finds them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,19 @@ def test_wheel_configs_are_on_the_search_path(wheel_install, tmp_path):
     )
     assert "_target_: fusion_bench_ace.ACEMerging" in job.stdout
     assert "eps: 0.04" in job.stdout
+
+
+def test_wheel_bench_finds_its_settings(wheel_install, tmp_path):
+    # a plain (non-editable) install has no repository around it: the settings must come from
+    # the configs shipped inside the package, whatever the working directory
+    env = {**os.environ, "PYTHONPATH": str(wheel_install)}
+    code = (
+        "import json, fusion_bench_ace.bench as bench; path, settings = bench.load_settings(); "
+        "print(json.dumps({'module': bench.__file__, 'path': str(path), 'modes': list(settings['modes'])}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["module"].startswith(str(wheel_install))
+    assert found["path"] == str(wheel_install / "fusion_bench_ace" / "config" / "bench" / "ace.yaml")
+    assert {"quick", "full", "tiny"} <= set(found["modes"])

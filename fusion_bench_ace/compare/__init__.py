@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from ..paths import config_dir
 from .diagnostics import write_diagnostics
 from .runs import RunResult, log_tail, run_fusion_bench, run_method, sweep_jobs
 from .tables import (
@@ -46,12 +47,7 @@ PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 
 
 def compare_config_dir() -> Path:
-    from hydra_plugins.fusion_bench_ace_searchpath import ace_config_dir
-
-    found = ace_config_dir()
-    if found is None:
-        raise FileNotFoundError("fusion_bench_ace's config directory was not found")
-    return Path(found) / "compare"
+    return config_dir() / "compare"
 
 
 def available_benchmarks() -> List[str]:

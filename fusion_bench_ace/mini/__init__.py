@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from ..paths import config_dir
 from .cache import (
     BUILD_COMMAND,
     SIZE_ENV,
@@ -48,15 +49,6 @@ class NotBuiltError(FileNotFoundError):
     pass
 
 
-def _config_dir() -> Path:
-    from hydra_plugins.fusion_bench_ace_searchpath import ace_config_dir
-
-    found = ace_config_dir()
-    if found is None:
-        raise FileNotFoundError("fusion_bench_ace's config directory was not found")
-    return Path(found)
-
-
 def settings(track: str, size: Optional[str] = None) -> dict:
     """The build settings of ``track`` at ``size`` (``full``/``reduced``), from config/mini/."""
     _check_track(track)
@@ -65,7 +57,7 @@ def settings(track: str, size: Optional[str] = None) -> dict:
         raise ValueError(f"unknown size {size!r}: expected one of {SIZES}")
     import yaml
 
-    data = yaml.safe_load((_config_dir() / "mini" / f"{track}.yaml").read_text())
+    data = yaml.safe_load((config_dir() / "mini" / f"{track}.yaml").read_text())
     return {"seed": data["seed"], **data[size]}
 
 

@@ -1,9 +1,9 @@
 """Hydra search-path plugin: makes ``method=ace`` (and our pools) visible to ``fusion_bench``.
 
 Hydra discovers plugins in the ``hydra_plugins`` namespace package of every installed
-distribution. This one appends our config directory after FusionBench's, so FusionBench's own
-configs win on equal names. A wheel install ships the configs as ``fusion_bench_ace/config``; an
-editable install reads the repository's top-level ``config/`` beside the package.
+distribution. This one appends our config directory (:func:`fusion_bench_ace.paths.config_dir`) after
+FusionBench's, so FusionBench's own configs win on equal names. Imports go one way: this plugin
+imports the package, never the reverse.
 
 It also repairs one FusionBench quirk: ``fusion_bench`` takes ``$CWD/config`` as its primary config
 directory whenever one exists (our repository root has one), and then cannot find its own
@@ -11,30 +11,15 @@ directory whenever one exists (our repository root has one), and then cannot fin
 the run works from any directory.
 """
 
-import importlib.util
 import os
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
+from fusion_bench_ace.paths import config_dir
+
 FUSION_BENCH_ROOT_CONFIG = "fabric_model_fusion.yaml"
-MARKER = os.path.join("method", "ace.yaml")
-
-
-def ace_config_dir() -> str | None:
-    """Our config directory: inside the installed package, or beside it in a source checkout."""
-    spec = importlib.util.find_spec("fusion_bench_ace")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    package_dir = list(spec.submodule_search_locations)[0]
-    for candidate in (
-        os.path.join(package_dir, "config"),
-        os.path.join(os.path.dirname(package_dir), "config"),
-    ):
-        if os.path.isfile(os.path.join(candidate, MARKER)):
-            return os.path.abspath(candidate)
-    return None
 
 
 def _primary_dir(search_path: ConfigSearchPath) -> str | None:
@@ -54,9 +39,7 @@ class FusionBenchAceSearchPathPlugin(SearchPathPlugin):
             and not os.path.isfile(os.path.join(primary, FUSION_BENCH_ROOT_CONFIG))
         ):
             search_path.append(provider="fusion_bench", path="pkg://fusion_bench_config")
-        config_dir = ace_config_dir()
-        if config_dir is not None:
-            search_path.append(provider="fusion_bench_ace", path=f"file://{config_dir}")
+        search_path.append(provider="fusion_bench_ace", path=f"file://{config_dir()}")
 
 
 def _ace_mini_path(track: str, relative: str = "") -> str:

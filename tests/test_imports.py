@@ -1,0 +1,27 @@
+"""The import graph: one direction between the Hydra plugin and the package, no cycle."""
+
+import json
+import subprocess
+import sys
+
+
+def _modules_after(statement: str) -> set:
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_package_never_imports_the_hydra_plugin():
+    loaded = _modules_after(
+        "import fusion_bench_ace.mini, fusion_bench_ace.compare, fusion_bench_ace.bench, "
+        "fusion_bench_ace.cli; fusion_bench_ace.mini.settings('gpt2', 'reduced'); "
+        "fusion_bench_ace.compare.available_benchmarks()"
+    )
+    assert not any(name.startswith("hydra_plugins") for name in loaded)
+
+
+def test_hydra_plugin_imports_only_the_light_part_of_the_package():
+    # Hydra imports every plugin while it scans, in any Hydra application: keep that cheap
+    loaded = _modules_after("import hydra_plugins.fusion_bench_ace_searchpath")
+    assert "fusion_bench_ace.paths" in loaded
+    assert "torch" not in loaded and "fusion_bench" not in loaded
