@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fusion_bench_ace.ace import ace_merge_layer_with_info
-from fusion_bench_ace.bench import _floor, main
-from fusion_bench_ace.bench_reference import reference_ace_layer, reference_ace_merge
+from fusion_bench_ace.bench import main
+from fusion_bench_ace.bench.layers import _floor
+from fusion_bench_ace.bench.reference import reference_ace_layer, reference_ace_merge
 from ace_reference import naive_ace
 
 

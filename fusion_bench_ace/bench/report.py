@@ -1,0 +1,135 @@
+"""The benchmark's Markdown report (also what it prints)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import torch
+
+from ..paths import PACKAGE_DIR
+from .layers import IMPL_FUNCS
+
+
+def machine_info(threads: int, device: torch.device) -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": threads, "device": str(device), "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR.parent, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fusion_bench_ace"],
+                               cwd=PACKAGE_DIR.parent, capture_output=True, text=True).stdout.strip()
+        return commit + (" (fusion_bench_ace/ has uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def render(report: dict) -> str:
+    """The Markdown report (also what is printed)."""
+    h = report["header"]
+    lines = [
+        f"# ACE-Merging benchmark ({h['mode']})",
+        "",
+        f"- command: `{h['command']}`",
+        f"- git commit: {h['commit']}",
+        f"- machine: {h['machine']['cpu']}, {h['machine']['cores']} cores, torch "
+        f"{h['machine']['torch']}, {h['machine']['threads']} torch thread(s), device "
+        f"{h['machine']['device']}" + (f" ({h['machine']['gpu']})" if "gpu" in h["machine"] else ""),
+        f"- load average (1/5/15 min) at start: {h['load_start']}, at end: {h['load_end']}",
+        f"- date: {h['date']}",
+        f"- eps={h['eps']}, tau={h['tau']}, k_frac={h['k_frac']}, float32",
+        "",
+        "## Merge time (all 2-D layers of the model; interleaved, median of repeats)",
+        "",
+        "Model time = Σ over unique layer shapes of count × mean(homogeneous instance, "
+        "heterogeneous instance): half of each shape's layers in each branch. `rel diff` = max "
+        "over layers of ‖X − ours‖_F / ‖ours‖_F (tsvm is a different method: its difference is "
+        "not an error). `rel err f64` = the same against ours computed in float64 (runs with "
+        "the reference only). `peak MiB` = peak extra memory during one layer's merge "
+        + ("(CUDA max_memory_allocated)." if h["machine"]["device"].startswith("cuda")
+           else "(RSS sampled every ms)."),
+        "",
+        "| model | T | impl | time s | × ours | ours / impl | peak MiB | rel diff vs ours "
+        "| rel err f64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        ours = run["impls"]["ours"]["seconds"]
+        for impl, row in run["impls"].items():
+            rel = "" if impl in ("ours", "floor", "floor_wsigma") else f"{row['rel_diff']:.2e}"
+            f64 = f"{row['rel_err_f64']:.2e}" if "reference" in run["impls"] and impl in IMPL_FUNCS else ""
+            lines.append(
+                f"| {run['model']} | {run['tasks']} | {impl} | {row['seconds']:.2f} | "
+                f"{row['seconds'] / ours:.2f} | {ours / row['seconds']:.2f} | "
+                f"{_mib(row['peak_bytes'])} | {rel} | {f64} |"
+            )
+    lines += ["", "### Ratios against the targets", ""]
+    for run in report["runs"]:
+        impls = run["impls"]
+        ours = impls["ours"]["seconds"]
+        parts = [f"{run['model']} T={run['tasks']}:"]
+        if "reference" in impls:
+            by_shape = ", ".join(f"{k} {v:.1e}"
+                                 for k, v in impls["reference"]["rel_diff_by_shape"].items())
+            parts.append(f"reference/ours = {impls['reference']['seconds'] / ours:.2f}x "
+                         f"(target >= 2), rel diff {impls['reference']['rel_diff']:.1e} "
+                         f"(target <= 1e-4; by shape: {by_shape}; ours vs float64 "
+                         f"{impls['ours']['rel_err_f64']:.1e}, reference vs float64 "
+                         f"{impls['reference']['rel_err_f64']:.1e});")
+        if "tsvm" in impls:
+            parts.append(f"tsvm/ours = {impls['tsvm']['seconds'] / ours:.2f}x (target > 1);")
+        if "floor" in impls:
+            parts.append(f"ours/floor = {ours / impls['floor']['seconds']:.2f} (target <= 1.3);")
+        if "floor_wsigma" in impls:
+            parts.append(f"ours/floor_wsigma = {ours / impls['floor_wsigma']['seconds']:.2f};")
+        parts.append(f"branches: {run['branches']['homogeneous']} hom / "
+                     f"{run['branches']['heterogeneous']} het layer instances")
+        lines.append("- " + " ".join(parts))
+    if report.get("memory"):
+        spec = report["memory_spec"]
+        lines += [
+            "",
+            "## Peak memory against the number of experts (ACEMerging, one subprocess each)",
+            "",
+            f"Synthetic GPT-2-style experts (n_embd={spec['n_embd']}, n_layer={spec['n_layer']}, "
+            f"vocab={spec['vocab_size']}; one model = "
+            f"{_mib(report['memory'][0]['model_bytes'])} MiB) saved with `save_pretrained` "
+            "(safetensors). Peak RSS during `ACEMerging.run` (loading included), sampled every ms; "
+            "baseline = RSS after imports, before the run (`getrusage`'s ru_maxrss is not used: "
+            "a child started from the benchmark inherits the parent's peak). `T × largest "
+            "param` = the task vectors of the largest parameter (the embedding), which the "
+            "driver stacks.",
+            "",
+            "| T | streaming | peak RSS MiB | peak − baseline MiB | (peak − baseline) / model "
+            "| T × largest param MiB | merge s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in report["memory"]:
+            extra = row["peak_rss"] - row["baseline_rss"]
+            lines.append(
+                f"| {row['tasks']} | {row['streaming']} | {_mib(row['peak_rss'])} | {_mib(extra)} "
+                f"| {extra / row['model_bytes']:.2f} | {_mib(row['layer_task_vectors_bytes'])} "
+                f"| {row['seconds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
