@@ -278,11 +278,6 @@ def _energy(x: Tensor) -> float:
     return total
 
 
-def _energies(stacked: Tensor) -> Tensor:
-    """Uncentred energies ``||ΔW_t||_F^2`` in float64 (they feed logs and ratios)."""
-    return torch.tensor([_energy(stacked[t]) for t in range(stacked.shape[0])], dtype=torch.float64)
-
-
 def _gamma(nonzero_energies: Tensor) -> float:
     if nonzero_energies.numel() < 2:
         return 0.0

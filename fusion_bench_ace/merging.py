@@ -9,13 +9,13 @@ only one parameter's task vectors in memory. No FusionBench import.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .selection import NamePatterns
 from .tensors import check_finite, compute_dtype_for
 
 StateDict = Mapping[str, Tensor]
@@ -27,55 +27,44 @@ TensorMerge = Callable[[Tensor, str], Tensor]
 class ParameterPlan:
     """How each parameter of the pretrained model is merged."""
 
-    matrix: List[str] = field(default_factory=list)
+    matrix: Tuple[str, ...] = ()
     """2-D weights merged by the matrix method (ACE)."""
-    average: List[str] = field(default_factory=list)
+    average: Tuple[str, ...] = ()
     """Merged by averaging their task vectors (1-D, >2-D, and ``average_keys``)."""
-    skip: List[str] = field(default_factory=list)
+    skip: Tuple[str, ...] = ()
     """Kept at their pretrained value (``exclude_keys``, integer buffers)."""
-    transpose: frozenset = frozenset()
+    transpose: FrozenSet[str] = frozenset()
     """Matrix weights stored ``d_in x d_out`` (GPT-2 Conv1D) that are transposed for the merge."""
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    # re.match, as the authors' exclusion lists (".*score.*") are written for it
-    return any(re.match(pattern, name) for pattern in patterns)
-
-
-def compile_patterns(patterns: Sequence[str], what: str) -> List["re.Pattern[str]"]:
-    """Compiled ``patterns``; an invalid one raises ``ValueError`` naming ``what`` it is for."""
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as error:
-            raise ValueError(f"invalid {what} regex {pattern!r}: {error}") from None
-    return compiled
 
 
 def plan_parameters(
     pretrained: StateDict,
     *,
-    exclude_keys: Sequence[str] = (),
-    average_keys: Sequence[str] = (),
+    exclude_keys: NamePatterns | Sequence[str] = (),
+    average_keys: NamePatterns | Sequence[str] = (),
     transpose_keys: Iterable[str] = (),
 ) -> ParameterPlan:
-    """Sort the pretrained model's parameters into matrix / average / skip."""
-    compile_patterns([*exclude_keys, *average_keys], "parameter-name")
-    plan = ParameterPlan(transpose=frozenset(transpose_keys))
+    """Sort the pretrained model's parameters into matrix / average / skip.
+
+    ``exclude_keys`` and ``average_keys`` (regexes, or compiled :class:`NamePatterns`) select
+    names as :mod:`fusion_bench_ace.selection` says.
+    """
+    exclude = NamePatterns.compile(exclude_keys, "exclude_keys")
+    average = NamePatterns.compile(average_keys, "average_keys")
+    matrix, averaged, skip = [], [], []
     for name, tensor in pretrained.items():
-        if not tensor.is_floating_point() or _matches(name, exclude_keys):
-            plan.skip.append(name)
-        elif tensor.dim() == 2 and not _matches(name, average_keys):
-            plan.matrix.append(name)
+        if not tensor.is_floating_point() or exclude.matches(name):
+            skip.append(name)
+        elif tensor.dim() == 2 and not average.matches(name):
+            matrix.append(name)
         else:
-            plan.average.append(name)
-    if not plan.matrix and not plan.average:
+            averaged.append(name)
+    if not matrix and not averaged:
         raise ValueError(
             "no parameter left to merge: every parameter is excluded by exclude_keys "
-            f"{list(exclude_keys)} or is not floating point"
+            f"{list(exclude.patterns)} or is not floating point"
         )
-    return plan
+    return ParameterPlan(tuple(matrix), tuple(averaged), tuple(skip), frozenset(transpose_keys))
 
 
 def check_experts_match(

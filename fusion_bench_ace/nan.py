@@ -57,6 +57,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .tensors import check_finite
+
 __all__ = [
     "DEFAULT_EPS",
     "GRANULARITIES",
@@ -205,11 +207,7 @@ def _as_float64(tensor: Tensor, key: str, owner: str) -> Tensor:
             "floating-point tensors only (leave integer buffers out of keys)"
         )
     value = tensor.detach().to(torch.float64)
-    finite = torch.isfinite(value)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(value).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise ValueError(f"non-finite values in tensor '{key}' of {owner}: {n_nan} NaN, {n_inf} Inf")
+    check_finite(value.reshape(1, -1), what=f"tensor '{key}' of", names=[owner])
     return value
 
 

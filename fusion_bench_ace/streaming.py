@@ -32,7 +32,6 @@ from torch import Tensor
 __all__ = [
     "SafetensorsStateDict",
     "StreamingUnavailable",
-    "iter_task_vectors",
     "match_keys",
     "open_expert",
     "safetensors_files",
@@ -184,25 +183,3 @@ def open_expert(
     mapping, unmatched = match_keys(reference, list(files))
     dtypes = {name: reference[name].dtype for name in mapping}
     return SafetensorsStateDict(files, mapping, dtypes), unmatched
-
-
-def iter_task_vectors(
-    pretrained: Mapping[str, Tensor],
-    experts: Mapping[str, Mapping[str, Tensor]],
-    names: Optional[Sequence[str]] = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: Optional[torch.dtype] = None,
-) -> Iterator[Tuple[str, Tensor]]:
-    """Yield ``(name, task vectors (T, *shape))`` one parameter at a time, read lazily.
-
-    ``experts`` may be :class:`SafetensorsStateDict` (read on demand) or in-memory state dicts;
-    ``dtype`` defaults to each pretrained parameter's dtype.
-    """
-    for name in names if names is not None else list(pretrained):
-        base = pretrained[name]
-        target = dtype or base.dtype
-        base = base.to(device=device, dtype=target)
-        yield name, torch.stack(
-            [state[name].to(device=device, dtype=target) - base for state in experts.values()]
-        )

@@ -11,9 +11,9 @@ from transformers import GPT2Config, GPT2Model
 
 from fusion_bench_ace import ACEMerging
 from fusion_bench_ace.algorithms.common import load_pool_experts
+from fusion_bench_ace.merging import stacked_task_vectors
 from fusion_bench_ace.streaming import (
     SafetensorsStateDict,
-    iter_task_vectors,
     match_keys,
     open_expert,
     safetensors_files,
@@ -103,8 +103,9 @@ def test_single_file_prefix_and_tied_weights(tmp_path):
     assert torch.equal(state["b"], stored["model.b"].float())
     assert {k: tuple(v.shape) for k, v in state.meta().items()} == {
         "a.weight": (3, 4), "b": (5,), "tied.weight": (3, 4)}
-    (name, stacked), = list(iter_task_vectors({"b": reference["b"]}, {"e": state}))
-    assert name == "b" and torch.equal(stacked[0], stored["model.b"].float() - reference["b"])
+    stacked = stacked_task_vectors("b", reference["b"], {"e": state}, device=torch.device("cpu"),
+                                   dtype=torch.float32)
+    assert torch.equal(stacked[0], stored["model.b"].float() - reference["b"])
     assert safetensors_files(tmp_path / "nothing") is None
 
 

@@ -17,7 +17,8 @@ from fusion_bench.mixins import SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
 from ..ace import ace_merge_layer_with_info, check_ace_hyperparameters
-from ..merging import compile_patterns, merge_state_dicts, plan_parameters
+from ..merging import merge_state_dicts, plan_parameters
+from ..selection import NamePatterns
 from .common import (
     conv1d_weight_names,
     layer_progress,
@@ -40,7 +41,8 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         k_frac: spectral rank fraction of the refinement.
         scaling_factor: multiplies the merged task vector before it is added to the pretrained
             weights (the authors use 1.0).
-        exclude_keys: regexes (``re.match``) of parameters kept at their pretrained value.
+        exclude_keys: regexes of parameters kept at their pretrained value (every name option
+            selects as :mod:`fusion_bench_ace.selection` says: ``re.match``).
         average_keys: regexes of 2-D parameters merged by averaging instead of ACE (the authors
             average ``text_projection``).
         transpose_conv1d: GPT-2 stores its Conv1D weights as ``d_in x d_out``. ``False`` (default)
@@ -80,7 +82,10 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
                 or not math.isfinite(scaling_factor):
             raise ValueError(f"scaling_factor must be a finite number; got {scaling_factor!r}")
-        self._spectrum_patterns = compile_patterns(list(spectrum_keys or ()), "spectrum_keys")
+        # compiled once, here, so a bad regex fails when the method is configured
+        self._exclude = NamePatterns.compile(exclude_keys, "exclude_keys")
+        self._average = NamePatterns.compile(average_keys, "average_keys")
+        self._spectrum = NamePatterns.compile(spectrum_keys, "spectrum_keys")
         self.layer_info: List[dict] = []
 
     @torch.no_grad()
@@ -94,8 +99,8 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         transpose = conv1d_weight_names(pretrained_model) if self.transpose_conv1d else ()
         plan = plan_parameters(
             pretrained,
-            exclude_keys=list(self.exclude_keys or ()),
-            average_keys=list(self.average_keys or ()),
+            exclude_keys=self._exclude,
+            average_keys=self._average,
             transpose_keys=transpose,
         )
         log.info(
@@ -107,7 +112,7 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         self.layer_info = []
 
         def merge_matrix(task_vectors: Tensor, name: str) -> Tensor:
-            spectrum = any(p.match(name) for p in self._spectrum_patterns)
+            spectrum = self._spectrum.matches(name)
             info = ace_merge_layer_with_info(
                 task_vectors, self.eps, self.tau, self.k_frac, keep_preliminary=spectrum
             )

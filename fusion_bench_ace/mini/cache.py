@@ -1,9 +1,11 @@
 """Where built tracks of the embedded benchmark live, and building them atomically.
 
-Layout: ``<cache root>/<track>-v<version>-<size>/`` holding the track's files and a
-``manifest.json`` written last. The cache root is ``$FUSION_BENCH_ACE_CACHE`` if set, else
+Layout: one directory per built track (named by :func:`fusion_bench_ace.mini.track_dir`: track,
+builder version, size, hash of the settings) under the cache root, holding the track's files and
+a ``manifest.json`` written last. The cache root is ``$FUSION_BENCH_ACE_CACHE`` if set, else
 ``$XDG_CACHE_HOME/fusion_bench_ace`` (``~/.cache/fusion_bench_ace``). A track is rebuilt only
-when its directory is missing, i.e. when absent or when the builder's version changed.
+when its directory is missing, i.e. when absent or when the builder's version or settings
+changed.
 
 A build writes into a temporary sibling directory under an exclusive lock and is renamed into
 place only when complete, so an interrupted build (Ctrl-C, crash) never leaves a half-built pool
@@ -41,10 +43,6 @@ def default_size() -> str:
     if size not in SIZES:
         raise ValueError(f"{SIZE_ENV}={size!r}: expected one of {SIZES}")
     return size
-
-
-def track_dir(track: str, version: int, size: str, root: Path | None = None) -> Path:
-    return (root or cache_root()) / f"{track}-v{version}-{size}"
 
 
 def is_built(directory: Path) -> bool:

@@ -1,0 +1,60 @@
+"""Selecting parameters by name: regexes matched with re.match, compiled once, for every method."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from fusion_bench_ace import ACEMerging
+from fusion_bench_ace.merging import plan_parameters
+from fusion_bench_ace.selection import NamePatterns
+
+STATE = {
+    "h.0.attn.weight": torch.zeros(4, 4),
+    "h.0.attn.bias": torch.zeros(4),
+    "h.1.attn.weight": torch.zeros(4, 4),
+    "h.10.attn.weight": torch.zeros(4, 4),
+    "score.weight": torch.zeros(2, 4),
+    "text_projection.weight": torch.zeros(3, 4),
+    "position_ids": torch.zeros(1, 4, dtype=torch.long),
+}
+
+
+def test_patterns_match_at_the_start_of_the_name():
+    patterns = NamePatterns.compile([".*score.*", "h.1"], "exclude_keys")
+    # re.match: anchored at the start, not at the end ("h.1" also selects h.10...)
+    assert patterns.select(STATE) == ["h.1.attn.weight", "h.10.attn.weight", "score.weight"]
+    assert patterns.matches("x.score")  # ".*" at the start
+    assert not NamePatterns.compile(["attn"], "exclude_keys").matches("h.0.attn.weight")
+
+
+def test_exact_names_select_themselves_even_with_regex_characters():
+    patterns = NamePatterns.compile(["h.0.attn.bias", "w[0]+"], "remove_keys")
+    assert patterns.select(["h.0.attn.bias", "h.0.attn.weight", "w[0]+", "w0"]) == [
+        "h.0.attn.bias", "w[0]+", "w0"]
+    assert patterns.unused(["h.0.attn.bias"]) == ["w[0]+"]
+
+
+def test_invalid_regex_names_the_option():
+    with pytest.raises(ValueError, match=r"invalid average_keys regex '\(': "):
+        NamePatterns.compile(["("], "average_keys")
+    with pytest.raises(ValueError, match="expected regex strings"):
+        NamePatterns.compile([3], "exclude_keys")
+    for option in ("exclude_keys", "average_keys", "spectrum_keys"):
+        with pytest.raises(ValueError, match=f"invalid {option} regex"):
+            ACEMerging(**{option: ["*bad"]})  # at configuration, before any model is loaded
+
+
+def test_plan_sorts_parameters_by_the_patterns():
+    plan = plan_parameters(STATE, exclude_keys=[".*score.*"], average_keys=[".*text_projection.*"],
+                           transpose_keys=["h.1.attn.weight"])
+    assert plan.matrix == ("h.0.attn.weight", "h.1.attn.weight", "h.10.attn.weight")
+    assert plan.average == ("h.0.attn.bias", "text_projection.weight")
+    assert plan.skip == ("score.weight", "position_ids")
+    assert plan.transpose == frozenset({"h.1.attn.weight"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.matrix = ()
+    compiled = NamePatterns.compile([".*score.*"], "exclude_keys")
+    assert plan_parameters(STATE, exclude_keys=compiled).skip == plan.skip
+    with pytest.raises(ValueError, match="no parameter left to merge"):
+        plan_parameters(STATE, exclude_keys=[".*"])
