@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import resource
 import shutil
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 from fusion_bench.programs import FabricModelFusionProgram
 from fusion_bench.utils import timeit_context
+
+from . import provenance
 
 
 def _peak_rss_mib() -> float:
@@ -70,8 +71,7 @@ class FusionProgram(FabricModelFusionProgram):
                 "peak_cuda_mib": (torch.cuda.max_memory_allocated() / 2**20
                                   if torch.cuda.is_available() else None),
                 "torch_threads": torch.get_num_threads(),
-                "machine": platform.machine(),
-                "cpu_count": os.cpu_count(),
+                "machine": provenance.machine(),
             }
             return result
 

@@ -6,16 +6,16 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
+from .. import provenance
 from ..paths import config_dir
 from .layers import IMPLS, bench_model
 from .memory import memory_curve, memory_worker
-from .report import git_commit, machine_info, render
+from .report import render
 
 def load_settings(path: Optional[str | Path] = None) -> Tuple[Path, dict]:
     """``(settings file, its contents)``; default: ``bench/ace.yaml`` of the package's configs."""
@@ -63,12 +63,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     argv_used = sys.argv[1:] if argv is None else list(argv)
     header = {
         "mode": mode,
-        "command": " ".join(["python -m fusion_bench_ace.bench", *argv_used]).strip(),
+        **provenance.collect(" ".join(["python -m fusion_bench_ace.bench", *argv_used]).strip(),
+                             str(device)),
         "config": str(config_path),
-        "commit": git_commit(),
-        "machine": machine_info(settings["threads"], device),
+        "threads": settings["threads"],
+        "device": str(device),
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **{k: settings[k] for k in ("eps", "tau", "k_frac")},
     }
     print(f"ACE benchmark ({mode}) on {header['machine']['cpu']}, threads "

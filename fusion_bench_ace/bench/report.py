@@ -2,42 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-
-import torch
-
-from ..paths import PACKAGE_DIR
 from .layers import IMPL_FUNCS
-
-
-def machine_info(threads: int, device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": threads, "device": str(device), "python": platform.python_version()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR.parent, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fusion_bench_ace"],
-                               cwd=PACKAGE_DIR.parent, capture_output=True, text=True).stdout.strip()
-        return commit + (" (fusion_bench_ace/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _mib(n: float) -> str:
@@ -51,12 +16,13 @@ def render(report: dict) -> str:
         f"# ACE-Merging benchmark ({h['mode']})",
         "",
         f"- command: `{h['command']}`",
-        f"- git commit: {h['commit']}",
-        f"- machine: {h['machine']['cpu']}, {h['machine']['cores']} cores, torch "
-        f"{h['machine']['torch']}, {h['machine']['threads']} torch thread(s), device "
-        f"{h['machine']['device']}" + (f" ({h['machine']['gpu']})" if "gpu" in h["machine"] else ""),
+        f"- git commit: {h['git_commit'] or 'unknown (not a git checkout)'}"
+        + (" (with uncommitted changes)" if h["git_dirty"] else ""),
+        f"- machine: {h['machine']['cpu']}, {h['machine']['cpu_count']} cores, torch "
+        f"{h['versions']['torch']}, {h['threads']} torch thread(s), device {h['device']}"
+        + (f" ({h['machine']['gpu']})" if h["device"].startswith("cuda") else ""),
         f"- load average (1/5/15 min) at start: {h['load_start']}, at end: {h['load_end']}",
-        f"- date: {h['date']}",
+        f"- date: {h['date_utc']} UTC",
         f"- eps={h['eps']}, tau={h['tau']}, k_frac={h['k_frac']}, float32",
         "",
         "## Merge time (all 2-D layers of the model; interleaved, median of repeats)",
@@ -66,7 +32,7 @@ def render(report: dict) -> str:
         "over layers of ‖X − ours‖_F / ‖ours‖_F (tsvm is a different method: its difference is "
         "not an error). `rel err f64` = the same against ours computed in float64 (runs with "
         "the reference only). `peak MiB` = peak extra memory during one layer's merge "
-        + ("(CUDA max_memory_allocated)." if h["machine"]["device"].startswith("cuda")
+        + ("(CUDA max_memory_allocated)." if h["device"].startswith("cuda")
            else "(RSS sampled every ms)."),
         "",
         "| model | T | impl | time s | × ours | ours / impl | peak MiB | rel diff vs ours "

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import available_benchmarks, load_benchmark, run_comparison, run_sweep, summarize_sweep
+from .benchmarks import available_benchmarks, load_benchmark
+from .runner import new_run_dir, point_latest, run_comparison, run_sweep, summarize_sweep
 
 
 def _grid(items):
@@ -61,8 +62,6 @@ def main(argv=None) -> int:
         out = args.out or Path("outputs/compare") / f"{args.benchmark}_sweep"
         run_sweep(args.benchmark, _grid(args.grid), out, argv)
         return 0
-    from . import new_run_dir, point_latest
-
     run_dir = new_run_dir(args.out)
     summarize_sweep(args.jobs_dir, load_benchmark(args.benchmark), args.params.split(","), run_dir, argv)
     point_latest(args.out, run_dir)

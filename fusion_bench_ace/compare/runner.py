@@ -1,0 +1,202 @@
+"""The comparison runner: ``run_comparison`` (one table of methods) and ``run_sweep`` (a grid).
+
+Each run writes ``table.md``, ``table.csv``, ``bars.png`` and ``provenance.json`` into a new
+timestamped directory under the output directory, then points ``latest`` at it; an ACE run's
+diagnostics (γ per layer, spectra) are plotted into ``diagnostics/<method>/``. A sweep writes a
+table and a heatmap of a Hydra multirun of one method.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import yaml
+
+from .. import provenance
+from .benchmarks import load_benchmark, paper_rows, resolve_methods, track_manifest
+from .diagnostics import write_diagnostics
+from .runs import RunResult, log_tail, run_fusion_bench, run_method, sweep_jobs
+from .tables import Row, bar_plot, csv_table, heatmap, markdown_table, measured_row
+
+
+# --- output directories ---------------------------------------------------------------------------
+
+
+def new_run_dir(out: Path) -> Path:
+    """A fresh timestamped directory under ``out`` (never an existing one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for suffix in itertools.chain([""], (f"_{i}" for i in itertools.count(1))):
+        candidate = out / f"{stamp}{suffix}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def point_latest(out: Path, run_dir: Path) -> None:
+    """Atomically repoint ``out/latest`` (a relative symlink) at ``run_dir``."""
+    link, tmp = out / "latest", out / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+
+
+# --- the two commands -----------------------------------------------------------------------------
+
+
+def run_comparison(
+    benchmark: str, methods: Optional[Sequence[str]], out: Path, argv: Sequence[str],
+    *, log=print,
+) -> Path:
+    spec = load_benchmark(benchmark)
+    names = resolve_methods(spec, methods)
+    _prepare(spec, log)
+    run_dir = new_run_dir(out)
+    log(f"[compare] {benchmark}: {len(names)} methods -> {run_dir}")
+    rows, failures = [], []
+    for name in names:
+        result = run_method(name, [*spec["overrides"], *spec["methods"][name]],
+                            run_dir / "runs" / name)
+        status = "ok" if result.ok else f"FAILED (exit {result.returncode})"
+        log(f"[compare]   {name:<22} {status} in {result.seconds:.0f} s")
+        if result.ok:
+            rows.append(measured_row(name, result.report, result.merge_stats, spec["tasks"]))
+            diagnostics = result.log_dir / "ace_diagnostics.json"
+            if diagnostics.is_file():  # gamma per layer and spectra of the ACE run
+                write_diagnostics(diagnostics, run_dir / "diagnostics" / name,
+                                  f"{benchmark}: {name} diagnostics")
+        else:
+            failures.append(result)
+            log(log_tail(result.log_dir))
+    rows += paper_rows(spec)
+    _write_tables(run_dir, spec, rows, argv, failures)
+    point_latest(out, run_dir)
+    log(markdown_table(rows, spec["tasks"]))
+    if failures:
+        raise RuntimeError(f"{len(failures)} method(s) failed: {[f.method for f in failures]}; "
+                           f"see {run_dir}/runs/<method>/fusion_bench.log")
+    return run_dir
+
+
+def run_sweep(
+    benchmark: str, grid: Dict[str, List[str]], out: Path, argv: Sequence[str], *, log=print,
+) -> Path:
+    spec = load_benchmark(benchmark)
+    sweep = spec.get("sweep") or {}
+    method = sweep.get("method")
+    if method is None:
+        raise ValueError(f"benchmark {benchmark!r} defines no sweep method")
+    grid = grid or {k: [str(v) for v in vals] for k, vals in sweep["grid"].items()}
+    _prepare(spec, log)
+    run_dir = new_run_dir(out)
+    jobs = run_dir / "jobs"
+    sweeps = [f"{k}={','.join(map(str, v))}" for k, v in grid.items()]
+    total = 1
+    for values in grid.values():
+        total *= len(values)
+    log(f"[compare] sweep of {method} on {benchmark}: {total} jobs -> {run_dir}")
+    # every job logs into its own Hydra output dir, so no report overwrites another
+    completed = run_fusion_bench(
+        [*spec["overrides"], f"method={method}", *sweeps, f"hydra.sweep.dir={jobs}",
+         "path.log_dir=${hydra:runtime.output_dir}"],
+        run_dir, multirun=True,
+    )
+    if completed.returncode != 0:
+        log(log_tail(run_dir))
+        raise RuntimeError(f"the sweep failed (exit {completed.returncode}); see {run_dir}/fusion_bench.log")
+    summarize_sweep(jobs, spec, list(grid), run_dir, argv)
+    point_latest(out, run_dir)
+    log((run_dir / "table.md").read_text())
+    return run_dir
+
+
+def summarize_sweep(jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: Path,
+                    argv: Sequence[str]) -> None:
+    """Table and heatmap of a multirun: one row per job, its parameters and scores."""
+    tasks = spec["tasks"]
+    rows, values = [], []
+    for job in sweep_jobs(jobs_dir):
+        overrides = yaml.safe_load((job / "overrides.yaml").read_text()) or []
+        settings = dict(o.split("=", 1) for o in overrides if "=" in o)
+        point = tuple(settings.get(p) for p in params)
+        report = json.loads((job / "program_report.json").read_text())
+        stats_path = job / "merge_stats.json"
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        row = measured_row(", ".join(f"{p}={v}" for p, v in zip(params, point)), report, stats, tasks)
+        rows.append(row)
+        values.append(point)
+    if not rows:
+        raise RuntimeError(f"no finished jobs under {jobs_dir}")
+    _write_tables(run_dir, spec, rows, argv, [], title_suffix=" (sweep)")
+    swept = [i for i, p in enumerate(params) if len({v[i] for v in values}) > 1]
+    if len(swept) >= 2:
+        xi, yi = swept[0], swept[1]
+        x_values = _ordered({v[xi] for v in values})
+        y_values = _ordered({v[yi] for v in values})
+        panels: Dict[str, Dict[tuple, float]] = {}
+        for point, row in zip(values, rows):
+            rest = ", ".join(f"{params[i]}={point[i]}" for i in range(len(params)) if i not in (xi, yi))
+            panels.setdefault(rest, {})[(point[xi], point[yi])] = row.average
+        heatmap({}, params[xi], x_values, params[yi], y_values, run_dir / "heatmap.png",
+                f"{spec['name']}: average accuracy", panels=panels)
+
+
+def _ordered(values: Iterable[str]) -> List[str]:
+    def key(v):
+        try:
+            return (0, float(v))
+        except (TypeError, ValueError):
+            return (1, str(v))
+
+    return sorted(values, key=key)
+
+
+def _prepare(spec: dict, log) -> None:
+    if spec.get("track"):
+        from ..mini import build
+
+        build([spec["track"]])
+
+
+def _write_tables(run_dir: Path, spec: dict, rows: List[Row], argv: Sequence[str],
+                  failures: List[RunResult], title_suffix: str = "") -> None:
+    tasks = spec["tasks"]
+    info = {
+        **provenance.collect(" ".join(["python -m fusion_bench_ace.compare", *argv])),
+        "benchmark": spec,
+        "track_manifest": track_manifest(spec),
+    }
+    (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
+    (run_dir / "table.csv").write_text(csv_table(rows, tasks))
+    measured = [r for r in rows if r.source == "measured"]
+    if measured and not title_suffix:
+        bar_plot(rows, tasks, run_dir / "bars.png", f"{spec['name']}: {spec.get('description', '')}")
+    machine = info["machine"]
+    lines = [
+        f"# {spec['name']}{title_suffix}: {spec.get('description', '')}",
+        "",
+        f"- command: `{info['command']}`",
+        f"- date (UTC): {info['date_utc']}; commit {info['git_commit']}"
+        + (" (with uncommitted changes)" if info["git_dirty"] else ""),
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory']})"
+        + (f", GPU {machine['gpu']}" if machine["gpu"] else ", no GPU"),
+        f"- fusion_bench overrides: `{' '.join(spec['overrides'])}`; per-method overrides in provenance.json",
+        "",
+        "Accuracy in %. `individual` = each expert on its own task. `merge s` = wall time of the "
+        "method's `run` (loading the pool + merging); `peak RSS` = the process's peak resident memory.",
+        "",
+        markdown_table(rows, tasks),
+        "",
+    ]
+    if failures:
+        lines.append("Failed: " + ", ".join(f.method for f in failures))
+    (run_dir / "table.md").write_text("\n".join(lines))
