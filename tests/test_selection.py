@@ -1,11 +1,15 @@
 """Selecting parameters by name: regexes matched with re.match, compiled once, for every method."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from fusion_bench import BaseModelPool
+from torch import nn
 
 from fusion_bench_ace import ACEMerging
+from fusion_bench_ace.algorithms.nan import TaskArithmeticNANAlgorithm, TiesMergingNANAlgorithm
 from fusion_bench_ace.merging import plan_parameters
 from fusion_bench_ace.selection import NamePatterns
 
@@ -58,3 +62,34 @@ def test_plan_sorts_parameters_by_the_patterns():
     assert plan_parameters(STATE, exclude_keys=compiled).skip == plan.skip
     with pytest.raises(ValueError, match="no parameter left to merge"):
         plan_parameters(STATE, exclude_keys=[".*"])
+
+
+def _pool(num_experts=3):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    models = {"_pretrained_": base}
+    for i in range(num_experts):
+        expert = copy.deepcopy(base)
+        expert.load_state_dict({k: v + (i + 1) * 0.1 * torch.randn_like(v)
+                                for k, v in base.state_dict().items()})
+        models[f"e{i}"] = expert
+    return models
+
+
+@pytest.mark.parametrize("algorithm_class", [TaskArithmeticNANAlgorithm, TiesMergingNANAlgorithm])
+def test_nan_remove_keys_are_regexes_and_exact_names_still_work(algorithm_class):
+    base = _pool()["_pretrained_"].state_dict()
+    by_regex = algorithm_class(remove_keys=[r".*\.bias"])
+    merged = by_regex.run(BaseModelPool(_pool())).state_dict()
+    assert by_regex.removed == ["0.bias", "2.bias"]
+    assert by_regex.coefficients.keys == ["0.weight", "2.weight"]
+    for name in ("0.bias", "2.bias"):
+        assert torch.equal(merged[name], base[name])
+    assert not torch.equal(merged["0.weight"], base["0.weight"])
+    # the exact names (the former semantics) select the same tensors and give the same merge
+    by_name = algorithm_class(remove_keys=["0.bias", "2.bias"])
+    same = by_name.run(BaseModelPool(_pool())).state_dict()
+    assert by_name.removed == by_regex.removed
+    assert all(torch.equal(same[k], merged[k]) for k in merged)
+    with pytest.raises(ValueError, match=r"invalid remove_keys regex '\['"):
+        algorithm_class(remove_keys=["["])

@@ -21,8 +21,10 @@ ALGORITHMS.md`` §1.2):
   entries survive TIES' (whole-model, per-task) top-k trim, as the spec's "replace ``τ_i`` by
   ``α_i τ_i`` at the input of TIES" implies.
 
-Both merge only floating-point tensors that are not in ``remove_keys`` (exact names, as in
-FusionBench's TIES); the others keep their pretrained value and are left out of the norms.
+Both merge only floating-point tensors that ``remove_keys`` does not select (regexes, matched as
+every name option of the plugin is: :mod:`fusion_bench_ace.selection`; an exact name selects
+itself, as in FusionBench's TIES); the others keep their pretrained value and are left out of the
+norms.
 (FusionBench's TIES drops ``remove_keys`` from the merged state dict and then fails to load it
 into an ``nn.Module``; keeping the pretrained value is the evident intent.)
 """
@@ -54,6 +56,7 @@ from ..nan import (
     compute_nan_coefficients,
     resolve_global_scale,
 )
+from ..selection import NamePatterns
 from .common import load_pool_state_dicts, write_json_beside_report
 
 log = logging.getLogger(__name__)
@@ -61,27 +64,34 @@ log = logging.getLogger(__name__)
 TIES_MERGE_FUNCS = ("sum", "mean", "max")
 
 
-def _check_global_scale(global_scale) -> None:
-    resolve_global_scale(global_scale, 1)  # the format; the value needs M and is resolved in run
-
-
-def _merge_keys(pretrained: Dict[str, Tensor], remove_keys: Sequence[str]) -> List[str]:
-    unknown = [key for key in remove_keys if key not in pretrained]
-    if unknown:
-        log.warning("remove_keys not in the model (ignored): %s", unknown)
-    removed = set(remove_keys)
-    keys = [k for k, v in pretrained.items() if v.is_floating_point() and k not in removed]
+def _merge_keys(pretrained: Dict[str, Tensor], remove: NamePatterns) -> Tuple[List[str], List[str]]:
+    """``(tensors merged, tensors removed)``: floating-point tensors not selected by ``remove_keys``."""
+    unused = remove.unused(pretrained)
+    if unused:
+        log.warning("remove_keys select no tensor of the model (ignored): %s", unused)
+    removed = remove.select(pretrained)
+    removed_set = set(removed)
+    keys = [k for k, v in pretrained.items() if v.is_floating_point() and k not in removed_set]
     if not keys:
         raise ValueError(
-            f"no floating-point tensor left to merge after remove_keys={list(remove_keys)}"
+            f"no floating-point tensor left to merge after remove_keys={list(remove.patterns)}"
         )
-    return keys
+    return keys, removed
 
 
 class _NANPlugin:
     """What both adapters share: load the pool, compute and report ``α`` and ``s``."""
 
     method_name = "nan"
+
+    def _check_options(self, norm_target, granularity, normalize, eps, global_scale, remove_keys):
+        """Everything both adapters can check before a model is loaded."""
+        check_nan_options(norm_target, granularity, normalize, eps)
+        resolve_global_scale(global_scale, 1)  # the format; the value needs M and comes in run
+        self._remove = NamePatterns.compile(remove_keys, "remove_keys")
+        self.coefficients: Optional[NANCoefficients] = None
+        self.scale: Optional[float] = None
+        self.removed: List[str] = []
 
     def _coefficients(
         self, modelpool
@@ -91,7 +101,7 @@ class _NANPlugin:
         with self.profile("load models"):
             pretrained_model, experts = load_pool_state_dicts(modelpool)
         pretrained = pretrained_model.state_dict()
-        keys = _merge_keys(pretrained, list(self.remove_keys or ()))
+        keys, self.removed = _merge_keys(pretrained, self._remove)
         with self.profile("norms"):
             coefficients = compute_nan_coefficients(
                 pretrained,
@@ -134,7 +144,8 @@ class _NANPlugin:
             "method": self.method_name,
             "global_scale": self.global_scale,
             "scale": scale,
-            "remove_keys": list(self.remove_keys or ()),
+            "remove_keys": list(self._remove.patterns),
+            "removed_tensors": list(self.removed),
             **extra,
             **coefficients.to_dict(),
         }
@@ -157,7 +168,9 @@ class TaskArithmeticNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm)
             ``"0.3M"`` = FusionBench TA with ``scaling_factor=0.3`` when ``α`` is uniform) or
             ``"m_half"``.
         eps: added to every norm before its reciprocal.
-        remove_keys: exact tensor names kept at their pretrained value and left out of the norms.
+        remove_keys: regexes of tensors kept at their pretrained value and left out of the norms
+            (selected as :mod:`fusion_bench_ace.selection` says: ``re.match``; an exact name
+            selects itself).
     """
 
     method_name = "task_arithmetic_nan"
@@ -173,10 +186,7 @@ class TaskArithmeticNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm)
     ):
         # No **kwargs: a misspelt option (+method.epss=...) must fail, not be logged and ignored.
         super().__init__()
-        check_nan_options(norm_target, granularity, normalize, eps)
-        _check_global_scale(global_scale)
-        self.coefficients: Optional[NANCoefficients] = None
-        self.scale: Optional[float] = None
+        self._check_options(norm_target, granularity, normalize, eps, global_scale, remove_keys)
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool) -> nn.Module:
@@ -216,8 +226,7 @@ class TiesMergingNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm):
             vector; values > 1 are percent (FusionBench: 20), values <= 1 fractions.
         merge_func: TIES' disjoint merge: ``sum`` (FusionBench's and AdaMerging's default),
             ``mean`` (the TIES paper's disjoint mean) or ``max``.
-        remove_keys: exact tensor names kept at their pretrained value and left out of the
-            norms and of TIES.
+        remove_keys: as for :class:`TaskArithmeticNANAlgorithm`; also left out of TIES.
     """
 
     method_name = "ties_merging_nan"
@@ -235,17 +244,15 @@ class TiesMergingNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm):
     ):
         # No **kwargs: a misspelt option (+method.epss=...) must fail, not be logged and ignored.
         super().__init__()
-        check_nan_options(norm_target, granularity, normalize, eps)
-        _check_global_scale(global_scale)
+        self._check_options(norm_target, granularity, normalize, eps, global_scale, remove_keys)
         _check_ties_options(threshold, merge_func)
-        self.coefficients: Optional[NANCoefficients] = None
-        self.scale: Optional[float] = None
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         pretrained_model, experts, keys, coefficients, scale = self._coefficients(modelpool)
-        # as TiesMergingAlgorithm.run: every entry of the state dict except remove_keys
-        remove_keys = list(self.remove_keys or ())
+        # as TiesMergingAlgorithm.run: every entry of the state dict except the removed tensors
+        # (FusionBench's helpers take exact names: the names remove_keys selected)
+        remove_keys = list(self.removed)
         ptm_check = pretrained_model.state_dict(keep_vars=True)
         with self.profile("merge weights"):
             flat_ft = torch.vstack(
