@@ -104,7 +104,8 @@ __all__ = [
 ]
 
 TaskSource = Callable[[int], Tensor]
-"""``task_vector(t) -> Tensor (d_out, d_in)`` for ``t in range(num_tasks)``; called twice per task."""
+"""``task_vector(t) -> Tensor (d_out, d_in)`` for ``t in range(num_tasks)``; called twice per
+task."""
 
 _GRAM_LEAF = 192  # Gram blocks narrower than 2 * this are computed whole
 _MAX_WEIGHT = 1e30  # float32 accumulators stay far from overflow below this task weight
@@ -553,7 +554,8 @@ def _isotropic_top_k(fused: Tensor, k: int) -> Tensor:
 def _solve_with_rank_one_prior(numerator: Tensor, spd: Tensor, prior_row: Tensor) -> Tensor:
     """``numerator @ (spd + 1 prior_rowᵀ)^-1`` for symmetric positive definite ``spd``.
 
-    Sherman-Morrison: ``N (S + 1 cᵀ)^-1 = Y - (Y 1)(S^-1 c)ᵀ / (1 + cᵀ S^-1 1)`` with ``Y = N S^-1``.
+    Sherman-Morrison: ``N (S + 1 cᵀ)^-1 = Y - (Y 1)(S^-1 c)ᵀ / (1 + cᵀ S^-1 1)`` with
+    ``Y = N S^-1``.
     ``cᵀ S^-1 1 >= 0`` here (c is a mean row of a PSD matrix that ``S`` dominates), so the
     denominator is >= 1 and the update is stable.
     """

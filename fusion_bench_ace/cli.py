@@ -23,9 +23,14 @@ def demo(out: Path, benchmarks) -> int:
     start = time.perf_counter()
     build()  # both tracks, each only if not built yet
     for benchmark in benchmarks:
-        run_comparison(benchmark, None, out / benchmark, ["run", benchmark, "--out", str(out / benchmark)])
+        run_comparison(
+            benchmark, None, out / benchmark, ["run", benchmark, "--out", str(out / benchmark)]
+        )
     minutes = (time.perf_counter() - start) / 60
-    print(f"\n[demo] done in {minutes:.1f} min; tables, plots and reports under {out}/<benchmark>/latest/")
+    print(
+        f"\n[demo] done in {minutes:.1f} min; tables, plots and reports under "
+        f"{out}/<benchmark>/latest/"
+    )
     return 0
 
 
@@ -39,8 +44,11 @@ def main(argv=None) -> int:
         from .compare.__main__ import main as compare_main
 
         return compare_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="fusion-bench-ace", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fusion-bench-ace",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run_demo = sub.add_parser("demo", help="build the embedded benchmark and compare the methods")
     run_demo.add_argument("--out", type=Path, default=Path("outputs/demo"))

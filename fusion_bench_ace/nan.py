@@ -121,7 +121,9 @@ def resolve_global_scale(global_scale: GlobalScale, num_models: int) -> float:
     if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
         raise ValueError(f"num_models must be a positive integer; got {num_models!r}")
     if isinstance(global_scale, bool):
-        raise ValueError(f"global_scale must be a number or a string like '0.3M'; got {global_scale!r}")
+        raise ValueError(
+            f"global_scale must be a number or a string like '0.3M'; got {global_scale!r}"
+        )
     if isinstance(global_scale, (int, float)):
         scale = float(global_scale)
     elif isinstance(global_scale, str):
@@ -142,7 +144,8 @@ def resolve_global_scale(global_scale: GlobalScale, num_models: int) -> float:
                 ) from None
     else:
         raise ValueError(
-            f"global_scale must be a number or a string like '0.3M'; got {type(global_scale).__name__}"
+            "global_scale must be a number or a string like '0.3M'; "
+            f"got {type(global_scale).__name__}"
         )
     if not math.isfinite(scale) or scale < 0:
         raise ValueError(f"global_scale must resolve to a finite number >= 0; got {scale!r}")
@@ -200,7 +203,9 @@ def tensor_norms(
 
 def _as_float64(tensor: Tensor, key: str, owner: str) -> Tensor:
     if not isinstance(tensor, Tensor):
-        raise ValueError(f"tensor '{key}' of {owner} is a {type(tensor).__name__}, not a torch.Tensor")
+        raise ValueError(
+            f"tensor '{key}' of {owner} is a {type(tensor).__name__}, not a torch.Tensor"
+        )
     if not tensor.is_floating_point():
         raise ValueError(
             f"tensor '{key}' of {owner} has dtype {tensor.dtype}; NAN norms are taken over "
@@ -214,7 +219,9 @@ def _as_float64(tensor: Tensor, key: str, owner: str) -> Tensor:
 def model_norms(per_tensor_norms: Tensor) -> Tensor:
     """Global Frobenius norm per model from its per-tensor norms ``(M, L)``: ``(M,)``."""
     if per_tensor_norms.dim() != 2:
-        raise ValueError(f"expected per-tensor norms of shape (M, L); got {tuple(per_tensor_norms.shape)}")
+        raise ValueError(
+            f"expected per-tensor norms of shape (M, L); got {tuple(per_tensor_norms.shape)}"
+        )
     return per_tensor_norms.to(torch.float64).square().sum(dim=1).sqrt()
 
 
@@ -249,7 +256,9 @@ def nan_coefficients(
         raise ValueError(f"norms must have shape (M,) or (M, L); got {tuple(norms.shape)}")
     num_models = norms.shape[0]
     if num_models < 2:
-        raise ValueError(f"NAN needs at least two models to weigh against each other; got {num_models}")
+        raise ValueError(
+            f"NAN needs at least two models to weigh against each other; got {num_models}"
+        )
     if norms.dim() == 2 and norms.shape[1] == 0:
         raise ValueError("norms has no tensors (shape (M, 0))")
     if not bool(torch.isfinite(norms).all()):
@@ -323,7 +332,7 @@ class NANCoefficients:
         return float((alpha.max(dim=0).values / alpha.min(dim=0).values).max())
 
     def to_dict(self) -> Dict[str, object]:
-        """JSON-ready: ``alpha``/``norms`` keyed by model, or by tensor then model at layer level."""
+        """JSON-ready: ``alpha``/``norms`` by model, or by tensor then model at layer level."""
         data: Dict[str, object] = {
             "norm_target": self.norm_target,
             "granularity": self.granularity,
@@ -338,10 +347,12 @@ class NANCoefficients:
             data["alpha"] = dict(zip(self.names, self.alpha.tolist()))
         else:
             data["norms"] = {
-                key: dict(zip(self.names, self.norms[:, j].tolist())) for j, key in enumerate(self.keys)
+                key: dict(zip(self.names, self.norms[:, j].tolist()))
+                for j, key in enumerate(self.keys)
             }
             data["alpha"] = {
-                key: dict(zip(self.names, self.alpha[:, j].tolist())) for j, key in enumerate(self.keys)
+                key: dict(zip(self.names, self.alpha[:, j].tolist()))
+                for j, key in enumerate(self.keys)
             }
         return data
 

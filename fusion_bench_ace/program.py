@@ -116,7 +116,8 @@ class FusionProgram(FabricModelFusionProgram):
 
     def run(self):
         final = self._merged_model_path()
-        if final is not None and (final.exists() or final.is_symlink()) and not self.overwrite_merged_model:
+        exists = final is not None and (final.exists() or final.is_symlink())
+        if exists and not self.overwrite_merged_model:
             raise FileExistsError(
                 f"merged_model_save_path {final} already exists; choose another path or pass "
                 "overwrite_merged_model=true to replace it"

@@ -42,9 +42,17 @@ def machine(device: Optional[str] = None) -> dict:
     gpu = None
     if torch.cuda.is_available():
         chosen = torch.device(device) if device is not None else None
-        gpu = torch.cuda.get_device_name(chosen if chosen is not None and chosen.type == "cuda" else 0)
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "memory": memory, "gpu": gpu, "python": platform.python_version()}
+        gpu = torch.cuda.get_device_name(
+            chosen if chosen is not None and chosen.type == "cuda" else 0
+        )
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory": memory,
+        "gpu": gpu,
+        "python": platform.python_version(),
+    }
 
 
 def source_checkout() -> Optional[Path]:
@@ -55,8 +63,9 @@ def source_checkout() -> Optional[Path]:
 
 def _git(root: Path, *args: str) -> Optional[str]:
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=root).stdout.strip()
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=root
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -69,10 +78,13 @@ def git_state() -> Dict[str, object]:
     root = source_checkout()
     if root is None:
         return {"git_commit": None, "git_dirty": None}
-    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                  ":(exclude)results")
-    return {"git_commit": _git(root, "rev-parse", "HEAD"),
-            "git_dirty": bool(status) if status is not None else None}
+    status = _git(
+        root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"
+    )
+    return {
+        "git_commit": _git(root, "rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+    }
 
 
 def versions(packages: Sequence[str] = PACKAGES) -> Dict[str, Optional[str]]:

@@ -7,7 +7,8 @@ authors' lists are written (``".*score.*"``, ``".*classifier.*"``). So
 
 - ``".*bias.*"`` selects every name containing ``bias``;
 - ``"h.0.attn.c_attn.weight"`` (an exact name) selects that name, and any other name the regex
-  matches at its start; escape the dots (``r"h\\.0\\.attn\\.c_attn\\.weight$"``) to select exactly one;
+  matches at its start; escape the dots and anchor the end
+  (``r"h\\.0\\.attn\\.c_attn\\.weight$"``) to select exactly one;
 - an exact name always selects itself, even when it holds regex characters (``[``, ``+``) that
   would not match it as a pattern.
 
@@ -53,7 +54,9 @@ class NamePatterns:
 
     def matches(self, name: str) -> bool:
         """Whether any pattern selects ``name`` (``re.match``, or the name itself)."""
-        return any(_selects(text, pattern, name) for text, pattern in zip(self.patterns, self.compiled))
+        return any(
+            _selects(text, pattern, name) for text, pattern in zip(self.patterns, self.compiled)
+        )
 
     def select(self, names: Iterable[str]) -> List[str]:
         """The ``names`` selected, in their order."""

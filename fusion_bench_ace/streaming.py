@@ -110,7 +110,8 @@ def match_keys(
     by_storage: Dict[Tuple[int, int], str] = {}
     for name, tensor in reference.items():
         if name in mapping and tensor.device.type != "meta":
-            by_storage.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset()), name)
+            storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            by_storage.setdefault(storage, name)
     unmatched = []
     for name, tensor in reference.items():
         if name in mapping:

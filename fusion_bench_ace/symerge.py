@@ -49,7 +49,9 @@ def effective_coefficients(raw: Tensor, clamp: bool, low: float = 0.0, high: flo
 def merge_tensor(base: Tensor, task_vectors: Sequence[Tensor], coefficients: Tensor) -> Tensor:
     """``θ_0 + Σ_k λ_k τ_k`` for one tensor (``coefficients``: one per task vector)."""
     if len(task_vectors) != coefficients.numel():
-        raise ValueError(f"{len(task_vectors)} task vectors but {coefficients.numel()} coefficients")
+        raise ValueError(
+            f"{len(task_vectors)} task vectors but {coefficients.numel()} coefficients"
+        )
     merged = base
     for coefficient, task_vector in zip(coefficients, task_vectors):
         merged = merged + coefficient * task_vector
@@ -65,7 +67,9 @@ def expert_pseudo_labels(expert_logits: Tensor) -> Tuple[Tensor, Tensor]:
     return labels, confidence
 
 
-def confidence_filter(merged_logits: Tensor, expert_labels: Tensor, expert_confidence: Tensor) -> Tensor:
+def confidence_filter(
+    merged_logits: Tensor, expert_labels: Tensor, expert_confidence: Tensor
+) -> Tensor:
     """Samples kept by SyMerge's filter: the merged model agrees with the expert, or the expert
     is at least as confident (dropped: a disagreement where the merged model is more confident)."""
     merged_confidence, merged_labels = merged_logits.detach().float().softmax(dim=-1).max(dim=-1)
@@ -88,15 +92,21 @@ def entropy(logits: Tensor) -> Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
 
 
-def self_labelling_loss(merged_logits: Tensor, expert_logits: Tensor, loss: str = "crosspseudoconf") -> SelfLabellingLoss:
+def self_labelling_loss(
+    merged_logits: Tensor, expert_logits: Tensor, loss: str = "crosspseudoconf"
+) -> SelfLabellingLoss:
     """SyMerge's loss of one task's batch (hard labels, no label smoothing, no entropy term)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}: expected one of {LOSSES}")
     if merged_logits.shape != expert_logits.shape:
-        raise ValueError(f"merged logits {tuple(merged_logits.shape)} vs expert {tuple(expert_logits.shape)}")
+        raise ValueError(
+            f"merged logits {tuple(merged_logits.shape)} vs expert {tuple(expert_logits.shape)}"
+        )
     labels, confidence = expert_pseudo_labels(expert_logits)
     total = labels.numel()
-    agreement = float((merged_logits.detach().argmax(dim=-1) == labels).float().mean()) if total else 0.0
+    agreement = (
+        float((merged_logits.detach().argmax(dim=-1) == labels).float().mean()) if total else 0.0
+    )
     if loss == "selfentropy":
         return SelfLabellingLoss(entropy(merged_logits), total, total, agreement)
     if loss == "crosspseudoconf":
@@ -119,7 +129,11 @@ class TaskHead(nn.Module):
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, normalize: bool = True):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = nn.Parameter(bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        self.bias = nn.Parameter(
+            bias.detach().clone()
+            if bias is not None
+            else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        )
         self.normalize = normalize
 
     @classmethod
@@ -133,7 +147,9 @@ class TaskHead(nn.Module):
         return F.linear(features, self.weight.to(features.dtype), self.bias.to(features.dtype))
 
 
-def readout_through_text_head(class_embeddings: Tensor, logit_scale: float, atol: float = 1e-4) -> Tensor:
+def readout_through_text_head(
+    class_embeddings: Tensor, logit_scale: float, atol: float = 1e-4
+) -> Tensor:
     """``R`` (C x d) with ``(y R) (s E)^T = y`` for every logit row ``y``.
 
     A CLIP classifier computes ``s · u E^T`` from a feature ``u``; feeding it ``u = y R`` gives
@@ -156,7 +172,9 @@ def readout_through_text_head(class_embeddings: Tensor, logit_scale: float, atol
 # --- schedule -------------------------------------------------------------------------------------
 
 
-def task_schedule(tasks: Sequence[str], rounds: int, shuffle: bool, seed: Optional[int]) -> Iterator[Tuple[int, str]]:
+def task_schedule(
+    tasks: Sequence[str], rounds: int, shuffle: bool, seed: Optional[int]
+) -> Iterator[Tuple[int, str]]:
     """``(round, task)`` pairs: each round visits every task once, in a fresh random order."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0; got {rounds}")

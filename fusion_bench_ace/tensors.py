@@ -25,7 +25,8 @@ def stack_task_vectors(task_vectors: TaskVectors, *, ndim: int | None = 2) -> Te
         stacked = task_vectors  # already (T, *shape): validate without copying
         if ndim is not None and stacked.dim() - 1 != ndim:
             raise ValueError(
-                f"expected {ndim}-D task vectors (d_out x d_in), got shape {tuple(stacked.shape[1:])}"
+                f"expected {ndim}-D task vectors (d_out x d_in), "
+                f"got shape {tuple(stacked.shape[1:])}"
             )
         if not stacked.is_floating_point():
             raise ValueError(f"task vectors have dtype {stacked.dtype}; expected a float dtype")
@@ -45,15 +46,15 @@ def stack_task_vectors(task_vectors: TaskVectors, *, ndim: int | None = 2) -> Te
         listed = ", ".join(f"{i}: {s}" for i, s in enumerate(shapes))
         raise ValueError(f"task vectors must all have the same shape; got {listed}")
     if ndim is not None and len(shapes[0]) != ndim:
-        raise ValueError(
-            f"expected {ndim}-D task vectors (d_out x d_in), got shape {shapes[0]}"
-        )
+        raise ValueError(f"expected {ndim}-D task vectors (d_out x d_in), got shape {shapes[0]}")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"task vectors are on different devices: {sorted(map(str, devices))}")
     for index, tensor in enumerate(tensors):
         if not tensor.is_floating_point():
-            raise ValueError(f"task vector {index} has dtype {tensor.dtype}; expected a float dtype")
+            raise ValueError(
+                f"task vector {index} has dtype {tensor.dtype}; expected a float dtype"
+            )
     dtype = tensors[0].dtype
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)

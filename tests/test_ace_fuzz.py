@@ -44,7 +44,9 @@ def layers(draw):
             w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
             w = w * (torch.rand(d_out, d_in, generator=g, dtype=torch.float64) < 0.2)
         elif kind == "copy" and task_vectors:
-            w = task_vectors[-1].to(torch.float64) / max(task_vectors[-1].abs().max().item(), 1e-300)
+            w = task_vectors[-1].to(torch.float64) / max(
+                task_vectors[-1].abs().max().item(), 1e-300
+            )
         else:
             w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
         task_vectors.append((w * scale).to(dtype))
@@ -75,8 +77,10 @@ def test_ill_conditioned_layer(dtype):
     # columns scaled over 12 decades: the Gram matrix's condition number is ~1e24
     g = torch.Generator().manual_seed(0)
     columns = 10.0 ** torch.linspace(-8, 4, 16, dtype=torch.float64)
-    task_vectors = [(torch.randn(24, 16, generator=g, dtype=torch.float64) * columns).to(dtype)
-                    for _ in range(5)]
+    task_vectors = [
+        (torch.randn(24, 16, generator=g, dtype=torch.float64) * columns).to(dtype)
+        for _ in range(5)
+    ]
     for eps in (1e-12, 1e-5, 1.0):
         for tau in (0.0, math.inf):
             merged = ace_merge_layer_with_info(task_vectors, eps, tau).merged

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from ace_reference import naive_ace, naive_gamma
 from fusion_bench_ace import ace_merge_layer, ace_merge_layer_with_info, heterogeneity
+
+from ace_reference import naive_ace, naive_gamma
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -17,7 +18,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_task_vectors(T, m, n, scales, seed, dtype=torch.float64, rank=None):
-    """Random task vectors: optionally low-rank plus noise, a column-scale profile, per-task scale."""
+    """Random task vectors: optionally low-rank plus noise, a column-scale profile, task scales."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in range(T):
@@ -199,7 +200,9 @@ def test_nan_and_inf_are_named():
     tvs = [torch.ones(3, 4) for _ in range(3)]
     tvs[1][0, 0] = float("nan")
     tvs[2][1, 1] = float("inf")
-    with pytest.raises(ValueError, match=r"task vector 1: 1 NaN, 0 Inf; task vector 2: 0 NaN, 1 Inf"):
+    with pytest.raises(
+        ValueError, match=r"task vector 1: 1 NaN, 0 Inf; task vector 2: 0 NaN, 1 Inf"
+    ):
         ace_merge_layer(tvs, 1e-5)
 
 

@@ -9,6 +9,7 @@ from fusion_bench_ace.ace import ace_merge_layer_with_info
 from fusion_bench_ace.bench import main
 from fusion_bench_ace.bench.layers import _floor
 from fusion_bench_ace.bench.reference import reference_ace_layer, reference_ace_merge
+
 from ace_reference import naive_ace
 
 
@@ -33,7 +34,10 @@ def test_reference_style_agrees_with_ours(shape, heterogeneous):
 
 
 def test_reference_merge_loops_over_layers():
-    layers = {"a": [torch.randn(5, 4) for _ in range(3)], "b": [torch.randn(4, 6) for _ in range(3)]}
+    layers = {
+        "a": [torch.randn(5, 4) for _ in range(3)],
+        "b": [torch.randn(4, 6) for _ in range(3)],
+    }
     merged = reference_ace_merge(layers, eps=1e-3)
     assert {k: tuple(v.shape) for k, v in merged.items()} == {"a": (5, 4), "b": (4, 6)}
 
@@ -42,7 +46,10 @@ def test_floor_runs_both_variants():
     stacked = torch.randn(3, 10, 30)
     for wsigma in (False, True):
         for het in (False, True):
-            assert _floor(stacked, 1e-3, 0.3, 0.3, wsigma=wsigma, heterogeneous=het).shape == (10, 30)
+            assert _floor(stacked, 1e-3, 0.3, 0.3, wsigma=wsigma, heterogeneous=het).shape == (
+                10,
+                30,
+            )
 
 
 def test_bench_end_to_end_tiny(tmp_path):

@@ -11,11 +11,17 @@ import torch
 from transformers import GPT2Model
 
 from fusion_bench_ace import ace_merge_layer
+
 from tiny_gpt2 import TASKS, build_tiny_gpt2_pool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +58,13 @@ def test_ace_cli_merges_and_evaluates(tiny_pool, tmp_path):
     out = tmp_path / "out"
     run_cli(
         [
-            "--config-dir", str(config_dir),
-            "method=ace_gpt2", "modelpool=tiny_gpt2_test", "taskpool=tiny_gpt2_test",
-            f"merged_model_save_path={out}/merged.pt", f"path.log_dir={out}/logs",
+            "--config-dir",
+            str(config_dir),
+            "method=ace_gpt2",
+            "modelpool=tiny_gpt2_test",
+            "taskpool=tiny_gpt2_test",
+            f"merged_model_save_path={out}/merged.pt",
+            f"path.log_dir={out}/logs",
         ],
         cwd=tmp_path,
     )
@@ -77,8 +87,11 @@ def test_ace_cli_from_repository_root(tiny_pool, tmp_path):
     _, config_dir = tiny_pool
     result = run_cli(
         [
-            "--config-dir", str(config_dir),
-            "method=ace", "modelpool=tiny_gpt2_test", "taskpool=tiny_gpt2_test",
+            "--config-dir",
+            str(config_dir),
+            "method=ace",
+            "modelpool=tiny_gpt2_test",
+            "taskpool=tiny_gpt2_test",
             f"path.log_dir={tmp_path}/logs",
         ],
         cwd=REPO_ROOT,
@@ -92,9 +105,14 @@ def test_ace_multirun_sweep_keeps_every_report(tiny_pool, tmp_path):
     sweep_dir = tmp_path / "sweep"
     run_cli(
         [
-            "-m", "--config-dir", str(config_dir),
-            "method=ace_gpt2", "method.eps=1e-5,1e-2", "modelpool=tiny_gpt2_test",
-            "taskpool=tiny_gpt2_test", f"hydra.sweep.dir={sweep_dir}",
+            "-m",
+            "--config-dir",
+            str(config_dir),
+            "method=ace_gpt2",
+            "method.eps=1e-5,1e-2",
+            "modelpool=tiny_gpt2_test",
+            "taskpool=tiny_gpt2_test",
+            f"hydra.sweep.dir={sweep_dir}",
             "path.log_dir=${hydra:runtime.output_dir}",
         ],
         cwd=tmp_path,
@@ -118,10 +136,23 @@ def test_ace_multirun_sweep_keeps_every_report(tiny_pool, tmp_path):
 )
 def test_bad_names_and_values_fail_clearly_through_the_cli(tiny_pool, tmp_path, override, message):
     _, config_dir = tiny_pool
-    args = ["--config-dir", str(config_dir), "method=ace_gpt2", "modelpool=tiny_gpt2_test",
-            "taskpool=tiny_gpt2_test", f"path.log_dir={tmp_path}/logs", override]
-    result = subprocess.run([FUSION_BENCH, *args], cwd=tmp_path, env=OFFLINE, capture_output=True,
-                            text=True, timeout=600)
+    args = [
+        "--config-dir",
+        str(config_dir),
+        "method=ace_gpt2",
+        "modelpool=tiny_gpt2_test",
+        "taskpool=tiny_gpt2_test",
+        f"path.log_dir={tmp_path}/logs",
+        override,
+    ]
+    result = subprocess.run(
+        [FUSION_BENCH, *args],
+        cwd=tmp_path,
+        env=OFFLINE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert not (tmp_path / "logs" / "program_report.json").exists()

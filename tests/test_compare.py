@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from conftest import patched_environ
 from fusion_bench_ace.compare import (
     available_benchmarks,
     load_benchmark,
@@ -16,13 +15,17 @@ from fusion_bench_ace.compare import (
 )
 from fusion_bench_ace.compare.tables import Row, markdown_table, scores_from_report
 
+from conftest import patched_environ
+
 TASKS = load_benchmark("mini_clip")["tasks"]
 
 
 def test_two_methods_write_table_csv_plot_and_keep_earlier_runs(reduced_clip_env, tmp_path):
     out = tmp_path / "mini_clip"
     with patched_environ(reduced_clip_env):
-        first = run_comparison("mini_clip", ["pretrained", "ace"], out, ["run"], log=lambda *_: None)
+        first = run_comparison(
+            "mini_clip", ["pretrained", "ace"], out, ["run"], log=lambda *_: None
+        )
     for name in ("table.md", "table.csv", "bars.png", "provenance.json"):
         assert (first / name).is_file(), name
     rows = list(csv.DictReader((first / "table.csv").open()))
@@ -53,7 +56,9 @@ def test_sweep_keeps_every_job_and_draws_a_heatmap(reduced_clip_env, tmp_path):
         run_dir = run_sweep("mini_clip", grid, tmp_path / "sweep", ["sweep"], log=lambda *_: None)
     reports = sorted((run_dir / "jobs").glob("*/program_report.json"))
     assert len(reports) == 4
-    eps = sorted(json.loads((r.parent / "ace_diagnostics.json").read_text())["eps"] for r in reports)
+    eps = sorted(
+        json.loads((r.parent / "ace_diagnostics.json").read_text())["eps"] for r in reports
+    )
     assert eps == [1e-5, 1e-5, 1e-1, 1e-1]
     rows = list(csv.DictReader((run_dir / "table.csv").open()))
     assert len({r["method"] for r in rows}) == 4
@@ -61,8 +66,10 @@ def test_sweep_keeps_every_job_and_draws_a_heatmap(reduced_clip_env, tmp_path):
 
 
 def test_individual_reads_the_diagonal():
-    report = {"a": {"a": {"accuracy": 0.9}, "b": {"accuracy": 0.1}},
-              "b": {"a": {"accuracy": 0.2}, "b": {"accuracy": 0.8}}}
+    report = {
+        "a": {"a": {"accuracy": 0.9}, "b": {"accuracy": 0.1}},
+        "b": {"a": {"accuracy": 0.2}, "b": {"accuracy": 0.8}},
+    }
     assert scores_from_report("individual", report, ["a", "b"]) == {"a": 90.0, "b": 80.0}
     flat = {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.25}}
     assert scores_from_report("ace", flat, ["a", "b"]) == {"a": 50.0, "b": 25.0}

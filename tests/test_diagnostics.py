@@ -1,4 +1,4 @@
-"""ACE's diagnostics: γ and branch per layer, spectra of W_pre vs the final merge, and their plots."""
+"""ACE's diagnostics: γ and branch per layer, spectra of W_pre vs the final merge, their plots."""
 
 import json
 
@@ -17,11 +17,14 @@ def test_spectra_are_recorded_for_the_chosen_layers_and_plotted(tmp_path):
     experts = {}
     for i, scale in enumerate([1e-1, 1e-3, 1e-2]):  # energies spread: heterogeneous branch
         expert = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 8))
-        expert.load_state_dict({k: v + scale * torch.randn_like(v) for k, v in base.state_dict().items()})
+        expert.load_state_dict(
+            {k: v + scale * torch.randn_like(v) for k, v in base.state_dict().items()}
+        )
         experts[f"e{i}"] = expert
     # before the run: it loads the merge into the pool's (in-memory) pretrained model
-    task_vectors = torch.stack([e.state_dict()["1.weight"] - base.state_dict()["1.weight"]
-                                for e in experts.values()])
+    task_vectors = torch.stack(
+        [e.state_dict()["1.weight"] - base.state_dict()["1.weight"] for e in experts.values()]
+    )
     algorithm = ACEMerging(eps=1e-5, spectrum_keys=[r"1\.weight"])
     algorithm.run(BaseModelPool({"_pretrained_": base, **experts}))
 
@@ -35,14 +38,20 @@ def test_spectra_are_recorded_for_the_chosen_layers_and_plotted(tmp_path):
     info = ace_merge_layer_with_info(task_vectors, 1e-5, keep_preliminary=True)
     for key, matrix in (("preliminary", info.preliminary), ("merged", info.merged)):
         want = torch.linalg.svdvals(matrix.double())
-        torch.testing.assert_close(torch.tensor(recorded["singular_values"][key], dtype=torch.float64),
-                                   want, rtol=1e-5, atol=1e-9)
-    # the refinement adds sigma_bar * U_k V_k^T: the top-k singular values change, W_pre's do not vanish
+        torch.testing.assert_close(
+            torch.tensor(recorded["singular_values"][key], dtype=torch.float64),
+            want,
+            rtol=1e-5,
+            atol=1e-9,
+        )
+    # the refinement adds sigma_bar * U_k V_k^T: the top-k singular values change, W_pre's do not
+    # vanish
     assert recorded["singular_values"]["merged"][0] > recorded["singular_values"]["preliminary"][0]
 
     path = tmp_path / "ace_diagnostics.json"
-    path.write_text(json.dumps({"eps": 1e-5, "tau": 0.3, "k_frac": 0.3,
-                                "layers": algorithm.layer_info}))
+    path.write_text(
+        json.dumps({"eps": 1e-5, "tau": 0.3, "k_frac": 0.3, "layers": algorithm.layer_info})
+    )
     assert compare_main(["diagnostics", str(path), "--out", str(tmp_path / "plots")]) == 0
     written = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert written == ["diagnostics.md", "gamma.png", "spectra.png"]

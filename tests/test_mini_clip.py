@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_safetensors, patched_environ
-from fusion_bench_ace.mini import NotBuiltError, build, track_dir, track_path
+from fusion_bench_ace.mini import NotBuiltError, build, track_path
 from fusion_bench_ace.mini.cache import build_atomically, is_built
 from fusion_bench_ace.mini.clip import TASK_ORDER
 from fusion_bench_ace.mini.vision_tasks import DigitSource, draw_split, vision_tasks
+
+from conftest import assert_same_safetensors, patched_environ
 
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
 
@@ -88,7 +89,8 @@ def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path):
 
 def test_unbuilt_pool_says_how_to_build(tmp_path):
     env = {"FUSION_BENCH_ACE_CACHE": str(tmp_path), "FUSION_BENCH_ACE_MINI_SIZE": "reduced"}
-    with patched_environ(env), pytest.raises(NotBuiltError, match="python -m fusion_bench_ace.mini build --track clip --size reduced"):
+    build_command = "python -m fusion_bench_ace.mini build --track clip --size reduced"
+    with patched_environ(env), pytest.raises(NotBuiltError, match=build_command):
         track_path("clip", "experts/shapes")
     result = run_cli(["method=dummy", "modelpool=ace_mini_clip", "taskpool=ace_mini_clip",
                       f"path.log_dir={tmp_path}/log"], env, tmp_path)

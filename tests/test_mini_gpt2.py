@@ -1,4 +1,4 @@
-"""The embedded GPT-2 track: text-task generators, a reduced build, FusionBench loading it offline."""
+"""The embedded GPT-2 track: text-task generators, a reduced build, FusionBench loads it offline."""
 
 import json
 import os
@@ -8,16 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_safetensors, patched_environ
 from fusion_bench_ace.mini import build, track_path
 from fusion_bench_ace.mini.text_tasks import TASKS, make_splits, pretraining_corpus
+
+from conftest import assert_same_safetensors, patched_environ
 
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
 
 
 def run_cli(args, env, cwd):
-    return subprocess.run([FUSION_BENCH, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=600)
+    return subprocess.run(
+        [FUSION_BENCH, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        timeout=600,
+    )
 
 
 # --- text-task generators -------------------------------------------------------------------------
@@ -67,7 +74,9 @@ def test_build_is_deterministic(reduced_gpt2_env, tmp_path):
         first = Path(track_path("gpt2"))
     assert_same_safetensors(first, second, ["pretrained", *(f"experts/{t}" for t in TASKS)])
     for name in ("vocab.json", "merges.txt"):
-        assert (first / "tokenizer" / name).read_bytes() == (second / "tokenizer" / name).read_bytes()
+        assert (first / "tokenizer" / name).read_bytes() == (
+            second / "tokenizer" / name
+        ).read_bytes()
 
 
 # --- through FusionBench --------------------------------------------------------------------------
@@ -76,8 +85,16 @@ def test_build_is_deterministic(reduced_gpt2_env, tmp_path):
 def test_fusion_bench_pretrained_matches_the_build(reduced_gpt2_env, tmp_path):
     """FusionBench's pool and task pool load the track offline; the pretrained backbone under each
     expert's head scores what the builder measured with the same protocol."""
-    result = run_cli(["method=dummy", "modelpool=ace_mini_gpt2", "taskpool=ace_mini_gpt2",
-                      f"path.log_dir={tmp_path}/dummy"], reduced_gpt2_env, tmp_path)
+    result = run_cli(
+        [
+            "method=dummy",
+            "modelpool=ace_mini_gpt2",
+            "taskpool=ace_mini_gpt2",
+            f"path.log_dir={tmp_path}/dummy",
+        ],
+        reduced_gpt2_env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "dummy" / "program_report.json").read_text())
     with patched_environ(reduced_gpt2_env):
@@ -88,8 +105,16 @@ def test_fusion_bench_pretrained_matches_the_build(reduced_gpt2_env, tmp_path):
 
 
 def test_ace_runs_on_the_built_track(reduced_gpt2_env, tmp_path):
-    result = run_cli(["method=ace", "modelpool=ace_mini_gpt2", "taskpool=ace_mini_gpt2",
-                      f"path.log_dir={tmp_path}/ace"], reduced_gpt2_env, tmp_path)
+    result = run_cli(
+        [
+            "method=ace",
+            "modelpool=ace_mini_gpt2",
+            "taskpool=ace_mini_gpt2",
+            f"path.log_dir={tmp_path}/ace",
+        ],
+        reduced_gpt2_env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "ace" / "program_report.json").read_text())
     for task in TASKS:

@@ -1,4 +1,4 @@
-"""NAN (arXiv 2505.16148): the coefficient math, the TA/TIES plug-ins against FusionBench, the CLI."""
+"""NAN (arXiv 2505.16148): coefficient math, the TA/TIES plug-ins against FusionBench, the CLI."""
 
 import copy
 import json
@@ -27,7 +27,12 @@ from fusion_bench_ace.nan import (
 )
 
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 # ----------------------------------------------------------------------------- the math
@@ -35,7 +40,9 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF
 
 def test_hand_computed_sum_normalisation():
     alpha = nan_coefficients([1.0, 2.0, 4.0], eps=0.0)
-    torch.testing.assert_close(alpha, torch.tensor([4 / 7, 2 / 7, 1 / 7], dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        alpha, torch.tensor([4 / 7, 2 / 7, 1 / 7], dtype=torch.float64), rtol=1e-15, atol=0
+    )
     # the spec's eps = 1e-12 moves these by ~1e-12 relative
     torch.testing.assert_close(nan_coefficients([1.0, 2.0, 4.0]), alpha, rtol=1e-11, atol=0)
     assert alpha.dtype == torch.float64
@@ -71,7 +78,8 @@ def test_sum_normalisation_invariants(norms, factor):
         for j in range(len(norms)):
             if norms[i] > norms[j] * (1 + 1e-9):  # larger norm => smaller coefficient
                 assert alpha[i] < alpha[j]
-    # invariant under a common rescaling of all norms: exactly with eps = 0, to ~eps/n with the default
+    # invariant under a common rescaling of all norms: exactly with eps = 0, to ~eps/n with the
+    # default
     torch.testing.assert_close(
         nan_coefficients(n * factor, eps=0.0), nan_coefficients(n, eps=0.0), rtol=1e-12, atol=0
     )
@@ -160,32 +168,48 @@ def test_unknown_option_names(kwargs, match):
 
 @pytest.mark.parametrize(
     "value, models, expected",
-    [("0.3M", 8, 2.4), ("0.3*M", 8, 2.4), ("M", 3, 3.0), ("m_half", 8, 4.0), (1.5, 8, 1.5),
-     (2, 3, 2.0), ("2.4", 5, 2.4), ("1e-1M", 10, 1.0), (0.0, 3, 0.0)],
+    [
+        ("0.3M", 8, 2.4),
+        ("0.3*M", 8, 2.4),
+        ("M", 3, 3.0),
+        ("m_half", 8, 4.0),
+        (1.5, 8, 1.5),
+        (2, 3, 2.0),
+        ("2.4", 5, 2.4),
+        ("1e-1M", 10, 1.0),
+        (0.0, 3, 0.0),
+    ],
 )
 def test_global_scale(value, models, expected):
     assert resolve_global_scale(value, models) == pytest.approx(expected, rel=1e-15)
 
 
-@pytest.mark.parametrize("value", ["abc", "0.3N", "-0.3M", -1.0, float("nan"), float("inf"), True, None])
+@pytest.mark.parametrize(
+    "value", ["abc", "0.3N", "-0.3M", -1.0, float("nan"), float("inf"), True, None]
+)
 def test_bad_global_scale(value):
     with pytest.raises(ValueError, match="global_scale"):
         resolve_global_scale(value, 3)
 
 
-# per-tensor norms known by construction: θ_i^l = θ_0^l + t_il e_l, with ||e_l|| = 1 and e_l ⊥ θ_0^l,
+# per-tensor norms known by construction: θ_i^l = θ_0^l + t_il e_l, with ||e_l|| = 1 and
+# e_l ⊥ θ_0^l,
 # so ||τ_i^l|| = t_il and ||θ_i^l||^2 = ||θ_0^l||^2 + t_il^2
 F64 = torch.float64
-E = {"a": torch.tensor([[0.6, 0.0], [0.0, 0.8]], dtype=F64), "b": torch.tensor([0.0, 0.0, 1.0], dtype=F64)}
-BASE = {"a": torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64), "b": torch.tensor([2.0, -1.0, 0.0], dtype=F64)}
+E = {
+    "a": torch.tensor([[0.6, 0.0], [0.0, 0.8]], dtype=F64),
+    "b": torch.tensor([0.0, 0.0, 1.0], dtype=F64),
+}
+BASE = {
+    "a": torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64),
+    "b": torch.tensor([2.0, -1.0, 0.0], dtype=F64),
+}
 T = {"x": {"a": 1.0, "b": 3.0}, "y": {"a": 2.0, "b": 1.0}, "z": {"a": 4.0, "b": 1.0}}
 
 
 def known_norm_experts(dtype=torch.float64):
     base = {k: v.to(dtype) for k, v in BASE.items()}
-    experts = {
-        name: {k: base[k] + t[k] * E[k].to(dtype) for k in base} for name, t in T.items()
-    }
+    experts = {name: {k: base[k] + t[k] * E[k].to(dtype) for k in base} for name, t in T.items()}
     return base, experts
 
 
@@ -219,11 +243,18 @@ def test_layer_granularity_with_known_norms():
     model = compute_nan_coefficients(base, experts, ["a", "b"], norm_target="task_vector")
     n = [math.sqrt(T[m]["a"] ** 2 + T[m]["b"] ** 2) for m in T]  # sqrt(10), sqrt(5), sqrt(17)
     r = [1 / x for x in n]
-    torch.testing.assert_close(model.alpha, torch.tensor([x / sum(r) for x in r], dtype=torch.float64), rtol=1e-11, atol=0)
+    torch.testing.assert_close(
+        model.alpha, torch.tensor([x / sum(r) for x in r], dtype=torch.float64), rtol=1e-11, atol=0
+    )
     finetuned = compute_nan_coefficients(base, experts, ["a", "b"], norm_target="finetuned")
     n = [math.sqrt(7.0 + T[m]["a"] ** 2 + T[m]["b"] ** 2) for m in T]
     r = [1 / x for x in n]
-    torch.testing.assert_close(finetuned.alpha, torch.tensor([x / sum(r) for x in r], dtype=torch.float64), rtol=1e-11, atol=0)
+    torch.testing.assert_close(
+        finetuned.alpha,
+        torch.tensor([x / sum(r) for x in r], dtype=torch.float64),
+        rtol=1e-11,
+        atol=0,
+    )
 
 
 def test_bad_weights_are_named():
@@ -262,13 +293,18 @@ def make_net(dtype):
 
 def equal_norm_models(num_experts=3, dtype=torch.float32, seed=0):
     """θ_0^l constant per tensor, θ_i^l = θ_0^l + π_i(δ^l): every τ_i^l is a permutation of δ^l
-    and every θ_i^l one of θ_0^l + δ^l, so all norms (either target, either granularity) are equal."""
+    and every θ_i^l one of θ_0^l + δ^l, so all norms (either target, either granularity) are
+    equal."""
     generator = torch.Generator().manual_seed(seed)
     base = make_net(dtype)
-    base_sd = {k: torch.full_like(v, 0.1 * (j + 1)) for j, (k, v) in enumerate(base.state_dict().items())}
+    base_sd = {
+        k: torch.full_like(v, 0.1 * (j + 1)) for j, (k, v) in enumerate(base.state_dict().items())
+    }
     base.load_state_dict(base_sd)
     experts = {}
-    deltas = {k: 0.05 * torch.randn(v.shape, generator=generator, dtype=dtype) for k, v in base_sd.items()}
+    deltas = {
+        k: 0.05 * torch.randn(v.shape, generator=generator, dtype=dtype) for k, v in base_sd.items()
+    }
     for i in range(num_experts):
         model = make_net(dtype)
         state = {}
@@ -284,7 +320,12 @@ def scaled_norm_models(scales, dtype=torch.float64, seed=1):
     """τ_i^l = c_il u_il with ||u_il||_F = 1: per-tensor task-vector norms c_il by construction."""
     generator = torch.Generator().manual_seed(seed)
     base = make_net(dtype)
-    base.load_state_dict({k: torch.randn(v.shape, generator=generator, dtype=dtype) for k, v in base.state_dict().items()})
+    base.load_state_dict(
+        {
+            k: torch.randn(v.shape, generator=generator, dtype=dtype)
+            for k, v in base.state_dict().items()
+        }
+    )
     units, experts = {}, {}
     for i, name in enumerate(scales):
         units[name] = {}
@@ -315,8 +356,12 @@ def assert_same_weights(a: nn.Module, b: nn.Module, **tolerances):
 
 @pytest.mark.parametrize("norm_target", ["finetuned", "task_vector"])
 @pytest.mark.parametrize("granularity", ["model", "layer"])
-@pytest.mark.parametrize("global_scale, fusion_bench_lambda", [("0.3M", 0.3), (1.5, 0.5), ("m_half", 0.5)])
-def test_ta_nan_is_fusion_bench_ta_when_norms_are_equal(norm_target, granularity, global_scale, fusion_bench_lambda):
+@pytest.mark.parametrize(
+    "global_scale, fusion_bench_lambda", [("0.3M", 0.3), (1.5, 0.5), ("m_half", 0.5)]
+)
+def test_ta_nan_is_fusion_bench_ta_when_norms_are_equal(
+    norm_target, granularity, global_scale, fusion_bench_lambda
+):
     base, experts = equal_norm_models()
     algorithm = TaskArithmeticNANAlgorithm(
         norm_target=norm_target, granularity=granularity, global_scale=global_scale
@@ -329,11 +374,16 @@ def test_ta_nan_is_fusion_bench_ta_when_norms_are_equal(norm_target, granularity
 
 
 @pytest.mark.parametrize("granularity", ["model", "layer"])
-@pytest.mark.parametrize("merge_func, threshold", [("sum", 20), ("mean", 20), ("max", 20), ("sum", 0.5)])
+@pytest.mark.parametrize(
+    "merge_func, threshold", [("sum", 20), ("mean", 20), ("max", 20), ("sum", 0.5)]
+)
 def test_ties_nan_with_uniform_alpha_is_fusion_bench_ties(granularity, merge_func, threshold):
     base, experts = equal_norm_models()
     algorithm = TiesMergingNANAlgorithm(
-        norm_target="task_vector", granularity=granularity, threshold=threshold, merge_func=merge_func
+        norm_target="task_vector",
+        granularity=granularity,
+        threshold=threshold,
+        merge_func=merge_func,
     )
     merged = algorithm.run(pool(base, experts))
     assert float((algorithm.coefficients.alpha - 1 / 3).abs().max()) < 1e-12
@@ -343,7 +393,11 @@ def test_ties_nan_with_uniform_alpha_is_fusion_bench_ties(granularity, merge_fun
     assert_same_weights(merged, reference, rtol=1e-6, atol=1e-7)
 
 
-SCALES = {"small": [0.5, 2.0, 1.0, 0.1, 3.0, 0.2], "mid": [1.0, 1.0, 4.0, 0.3, 1.0, 0.2], "big": [8.0, 1.0, 4.0, 0.4, 1.0, 1.2]}
+SCALES = {
+    "small": [0.5, 2.0, 1.0, 0.1, 3.0, 0.2],
+    "mid": [1.0, 1.0, 4.0, 0.3, 1.0, 0.2],
+    "big": [8.0, 1.0, 4.0, 0.4, 1.0, 1.2],
+}
 
 
 def test_ta_nan_model_granularity_equalises_contributions():
@@ -355,27 +409,41 @@ def test_ta_nan_model_granularity_equalises_contributions():
     c = {name: math.sqrt(sum(x * x for x in s)) for name, s in SCALES.items()}
     harmonic = 1 / sum(1 / x for x in c.values())
     expected_alpha = [harmonic / c[name] for name in SCALES]
-    torch.testing.assert_close(algorithm.coefficients.alpha, torch.tensor(expected_alpha, dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        algorithm.coefficients.alpha,
+        torch.tensor(expected_alpha, dtype=torch.float64),
+        rtol=1e-10,
+        atol=0,
+    )
     assert algorithm.scale == pytest.approx(0.9)
     for j, (key, theta0) in enumerate(base.state_dict().items()):
-        direction = sum(
-            (SCALES[name][j] / c[name]) * units[name][key] for name in SCALES
+        direction = sum((SCALES[name][j] / c[name]) * units[name][key] for name in SCALES)
+        torch.testing.assert_close(
+            merged[key], theta0 + 0.9 * harmonic * direction, rtol=1e-12, atol=1e-12, msg=key
         )
-        torch.testing.assert_close(merged[key], theta0 + 0.9 * harmonic * direction, rtol=1e-12, atol=1e-12, msg=key)
 
 
 def test_ta_nan_layer_granularity_with_known_per_layer_norms():
     """Per tensor: α_i^l ∝ 1/c_il, so θ^l = θ_0^l + s (Σ_j 1/c_jl)^-1 Σ_i u_il."""
     base, experts, units = scaled_norm_models(SCALES)
-    algorithm = TaskArithmeticNANAlgorithm(norm_target="task_vector", granularity="layer", global_scale=2.0)
+    algorithm = TaskArithmeticNANAlgorithm(
+        norm_target="task_vector", granularity="layer", global_scale=2.0
+    )
     merged = algorithm.run(pool(base, experts)).state_dict()
     keys = list(base.state_dict())
     assert algorithm.coefficients.keys == keys
     for j, key in enumerate(keys):
         harmonic = 1 / sum(1 / SCALES[name][j] for name in SCALES)
         expected_alpha = [harmonic / SCALES[name][j] for name in SCALES]
-        torch.testing.assert_close(algorithm.coefficients.alpha[:, j], torch.tensor(expected_alpha, dtype=torch.float64), rtol=1e-10, atol=0)
-        expected = base.state_dict()[key] + 2.0 * harmonic * sum(units[name][key] for name in SCALES)
+        torch.testing.assert_close(
+            algorithm.coefficients.alpha[:, j],
+            torch.tensor(expected_alpha, dtype=torch.float64),
+            rtol=1e-10,
+            atol=0,
+        )
+        expected = base.state_dict()[key] + 2.0 * harmonic * sum(
+            units[name][key] for name in SCALES
+        )
         torch.testing.assert_close(merged[key], expected, rtol=1e-12, atol=1e-12, msg=key)
 
 
@@ -385,7 +453,9 @@ def test_ties_nan_reweights_the_task_vectors_before_ties(granularity, merge_func
     """TIES+NAN = FusionBench's TIES on experts θ_0 + M α_i τ_i with scaling_factor s/M (float64,
     so rounding cannot move TIES' trim), and differs from plain TIES."""
     base, experts, _ = scaled_norm_models(SCALES)
-    algorithm = TiesMergingNANAlgorithm(norm_target="task_vector", granularity=granularity, merge_func=merge_func)
+    algorithm = TiesMergingNANAlgorithm(
+        norm_target="task_vector", granularity=granularity, merge_func=merge_func
+    )
     merged = algorithm.run(pool(base, experts))
     alpha = algorithm.coefficients.alpha
     assert algorithm.coefficients.max_min_ratio() > 2
@@ -415,7 +485,10 @@ def test_remove_keys_stay_pretrained_and_leave_the_norms(algorithm_class):
     keys = [k for k in base.state_dict() if k != "2.bias"]
     assert algorithm.coefficients.keys == keys
     expected = compute_nan_coefficients(
-        base.state_dict(), {n: m.state_dict() for n, m in experts.items()}, keys, norm_target="task_vector"
+        base.state_dict(),
+        {n: m.state_dict() for n, m in experts.items()},
+        keys,
+        norm_target="task_vector",
     )
     torch.testing.assert_close(algorithm.coefficients.alpha, expected.alpha, rtol=0, atol=0)
 
@@ -468,12 +541,21 @@ def test_cli_ties_merging_nan_on_tiny_gpt2(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [
-            FUSION_BENCH, "--config-dir", str(config_dir),
-            "method=ties_merging_nan", "method.norm_target=task_vector",
-            "modelpool=tiny_gpt2_test", "taskpool=tiny_gpt2_test",
-            f"merged_model_save_path={out}/merged.pt", f"path.log_dir={out}/logs",
+            FUSION_BENCH,
+            "--config-dir",
+            str(config_dir),
+            "method=ties_merging_nan",
+            "method.norm_target=task_vector",
+            "modelpool=tiny_gpt2_test",
+            "taskpool=tiny_gpt2_test",
+            f"merged_model_save_path={out}/merged.pt",
+            f"path.log_dir={out}/logs",
         ],
-        cwd=tmp_path, env=OFFLINE, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=OFFLINE,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     log_text = (out / "logs" / "cli.log").read_text()
@@ -484,7 +566,11 @@ def test_cli_ties_merging_nan_on_tiny_gpt2(tmp_path):
         assert 0.0 <= report[task]["accuracy"] <= 1.0
     data = json.loads((out / "logs" / "nan_coefficients.json").read_text())
     assert data["method"] == "ties_merging_nan"
-    assert (data["norm_target"], data["granularity"], data["normalize"]) == ("task_vector", "model", "sum")
+    assert (data["norm_target"], data["granularity"], data["normalize"]) == (
+        "task_vector",
+        "model",
+        "sum",
+    )
     assert (data["global_scale"], data["threshold"], data["merge_func"]) == ("0.3M", 20, "sum")
     assert data["models"] == list(TASKS)
     assert data["scale"] == pytest.approx(0.3 * len(TASKS))
@@ -497,7 +583,10 @@ def test_cli_ties_merging_nan_on_tiny_gpt2(tmp_path):
     experts = {t: GPT2Model.from_pretrained(root / t).eval() for t in TASKS}
     keys = [k for k, v in pretrained.state_dict().items() if v.is_floating_point()]
     expected = compute_nan_coefficients(
-        pretrained.state_dict(), {t: m.state_dict() for t, m in experts.items()}, keys, norm_target="task_vector"
+        pretrained.state_dict(),
+        {t: m.state_dict() for t, m in experts.items()},
+        keys,
+        norm_target="task_vector",
     )
     assert data["alpha"] == pytest.approx(dict(zip(TASKS, expected.alpha.tolist())), rel=1e-12)
 

@@ -24,15 +24,29 @@ def wheel_install(tmp_path_factory):
     (wheel,) = (tmp / "dist").glob("fusion_bench_ace-*.whl")
     target = tmp / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return target
 
 
 def test_wheel_layout(wheel_install):
     assert (wheel_install / "fusion_bench_ace" / "config" / "method" / "ace.yaml").is_file()
-    assert (wheel_install / "hydra_plugins" / "fusion_bench_ace_searchpath" / "__init__.py").is_file()
+    assert (
+        wheel_install / "hydra_plugins" / "fusion_bench_ace_searchpath" / "__init__.py"
+    ).is_file()
     # hydra_plugins is a namespace package shared with other plugins
     assert not (wheel_install / "hydra_plugins" / "__init__.py").exists()
 
@@ -40,13 +54,21 @@ def test_wheel_layout(wheel_install):
 def test_wheel_configs_are_on_the_search_path(wheel_install, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(wheel_install), "HF_HUB_OFFLINE": "1"}
     info = subprocess.run(
-        [FUSION_BENCH, "--info", "searchpath"], cwd=tmp_path, env=env,
-        capture_output=True, text=True, check=True,
+        [FUSION_BENCH, "--info", "searchpath"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert f"file://{wheel_install}/fusion_bench_ace/config" in info.stdout
     job = subprocess.run(
-        [FUSION_BENCH, "method=ace_gpt2", "--cfg", "job"], cwd=tmp_path, env=env,
-        capture_output=True, text=True, check=True,
+        [FUSION_BENCH, "method=ace_gpt2", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "_target_: fusion_bench_ace.ACEMerging" in job.stdout
     assert "eps: 0.04" in job.stdout
@@ -58,11 +80,20 @@ def test_wheel_bench_finds_its_settings(wheel_install, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(wheel_install)}
     code = (
         "import json, fusion_bench_ace.bench as bench; path, settings = bench.load_settings(); "
-        "print(json.dumps({'module': bench.__file__, 'path': str(path), 'modes': list(settings['modes'])}))"
+        "print(json.dumps({'module': bench.__file__, 'path': str(path), "
+        "'modes': list(settings['modes'])}))"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["module"].startswith(str(wheel_install))
-    assert found["path"] == str(wheel_install / "fusion_bench_ace" / "config" / "bench" / "ace.yaml")
+    assert found["path"] == str(
+        wheel_install / "fusion_bench_ace" / "config" / "bench" / "ace.yaml"
+    )
     assert {"quick", "full", "tiny"} <= set(found["modes"])

@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import patched_environ
 from fusion_bench_ace.compare import (
     PAPER_NUMBERS,
     available_benchmarks,
-    compare_config_dir,
     load_benchmark,
     paper_rows,
     resolve_methods,
     run_comparison,
 )
+
+from conftest import patched_environ
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config"
@@ -40,7 +40,8 @@ FUSION_BENCH = Path(sys.executable).with_name("fusion_bench")
 ALGORITHMS_MD = REPO.parent / "shared" / "design" / "ALGORITHMS.md"
 PAPER_BENCHMARKS = sorted(n for n in available_benchmarks() if load_benchmark(n).get("paper"))
 RB_TASKS = ["cola", "sst2", "mrpc", "stsb", "qqp", "qnli", "mnli", "rte"]
-# (benchmark key, method, source prefix) of the printed averages that do not re-compute from their cells
+# (benchmark key, method, source prefix) of the printed averages that do not re-compute from
+# their cells
 DOCUMENTED_INCONSISTENT = {
     ("clip_vit_b32_ta8", "TA + NAN", "NAN Table 1"),
     ("clip_vit_b32_ta8", "Traditional MTL", "NAN Table 1"),
@@ -48,12 +49,19 @@ DOCUMENTED_INCONSISTENT = {
     ("roberta_base_glue8", "Pre-trained", "ACE-Merging Table 3"),
     ("roberta_base_glue8", "Ties (w/ DARE)", "ACE-Merging Table 3"),
 }
-ACE_PRESET = {"clip": "method=ace_vit", "openclip": "method=ace_vit", "gpt2": "method=ace_gpt2",
-              "roberta_base": "method=ace_roberta_base", "roberta_large": "method=ace_roberta_large"}
+ACE_PRESET = {
+    "clip": "method=ace_vit",
+    "openclip": "method=ace_vit",
+    "gpt2": "method=ace_gpt2",
+    "roberta_base": "method=ace_roberta_base",
+    "roberta_large": "method=ace_roberta_large",
+}
 
 
 def test_the_paper_benchmarks_are_all_there():
-    expected = {f"clip_vit_{a}_{s}" for a in ("b32", "b16", "l14") for s in ("ta8", "tall14", "tall20")}
+    expected = {
+        f"clip_vit_{a}_{s}" for a in ("b32", "b16", "l14") for s in ("ta8", "tall14", "tall20")
+    }
     expected |= {f"openclip_vit_{a}_ta8" for a in ("b32", "b16", "l14")}
     expected |= {"gpt2_glue7", "roberta_base_glue8", "roberta_large_glue8"}
     assert set(PAPER_BENCHMARKS) == expected
@@ -61,11 +69,20 @@ def test_the_paper_benchmarks_are_all_there():
         spec = load_benchmark(name)
         family = next(k for k in sorted(ACE_PRESET, key=len, reverse=True) if name.startswith(k))
         assert spec["methods"]["ace"] == [ACE_PRESET[family], "method.device=auto"], name
-        assert {"pretrained", "individual", "simple_average", "task_arithmetic", "ties_merging",
-                "tsv_m", "ace"} <= set(spec["default_methods"]), name
+        assert {
+            "pretrained",
+            "individual",
+            "simple_average",
+            "task_arithmetic",
+            "ties_merging",
+            "tsv_m",
+            "ace",
+        } <= set(spec["default_methods"]), name
         assert spec["sweep"]["method"] == ACE_PRESET[family].split("=")[1]
         assert all(k.startswith("method.") and v for k, v in spec["sweep"]["grid"].items())
-        for override in spec["overrides"]:  # our pools live under ace_paper/, away from FusionBench's names
+        for override in spec[
+            "overrides"
+        ]:  # our pools live under ace_paper/, away from FusionBench's names
             group, _, option = override.partition("=")
             assert group in ("modelpool", "taskpool") and option.startswith("ace_paper/")
             assert (CONFIG / group / f"{option}.yaml").is_file(), override
@@ -107,7 +124,9 @@ def hub_ids() -> set:
 def roberta_expert_ids() -> set:
     ids = set()
     for size in ("base", "large"):
-        pool = yaml.safe_load((CONFIG / "modelpool" / "ace_paper" / f"roberta-{size}_glue8.yaml").read_text())
+        pool = yaml.safe_load(
+            (CONFIG / "modelpool" / "ace_paper" / f"roberta-{size}_glue8.yaml").read_text()
+        )
         ids |= {pool["expert_prefix"] + t for t in RB_TASKS}
     return ids
 
@@ -146,7 +165,9 @@ def compose_jobs():
     take minutes)."""
     pairs, done = [], {}
     for name in PAPER_BENCHMARKS:
-        family = name.rsplit("_", 1)[0] if name.startswith(("gpt2", "roberta")) else name.split("_")[0]
+        family = (
+            name.rsplit("_", 1)[0] if name.startswith(("gpt2", "roberta")) else name.split("_")[0]
+        )
         seen = done.setdefault(family, set())
         for method in resolve_methods(load_benchmark(name), None):
             if method == "ace" or method not in seen:
@@ -166,16 +187,30 @@ def composed(tmp_path_factory):
     jobs = [[*load_benchmark(n)["overrides"], *load_benchmark(n)["methods"][m]] for n, m in keys]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     (tmp / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "FUSION_BENCH_ACE_HF_ROOT": str(hf_root), "FUSION_BENCH_ACE_OPENCLIP_DIR": str(openclip_dir)}
-    done = subprocess.run([sys.executable, str(tmp / "driver.py"), str(FUSION_BENCH), str(tmp / "jobs.json")],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "FUSION_BENCH_ACE_HF_ROOT": str(hf_root),
+        "FUSION_BENCH_ACE_OPENCLIP_DIR": str(openclip_dir),
+    }
+    done = subprocess.run(
+        [sys.executable, str(tmp / "driver.py"), str(FUSION_BENCH), str(tmp / "jobs.json")],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = {}
     for i, key in enumerate(keys):
         match = re.search(rf"@@@ begin {i}\n(.*?)\n@@@ end {i} (\S+)", done.stdout, re.S)
         assert match, f"no output for {key}:\n{done.stderr[-3000:]}"
-        assert match.group(2) == "0", f"{key} did not compose:\n{match.group(1)[-2000:]}\n{done.stderr[-2000:]}"
+        assert match.group(2) == "0", (
+            f"{key} did not compose:\n{match.group(1)[-2000:]}\n{done.stderr[-2000:]}"
+        )
         results[key] = yaml.safe_load(match.group(1))
     return {"configs": results, "hf_root": hf_root, "openclip_dir": openclip_dir}
 
@@ -183,14 +218,18 @@ def composed(tmp_path_factory):
 def test_every_paper_command_composes_and_its_targets_import(composed):
     assert {n for n, m in composed["configs"] if m == "ace"} == set(PAPER_BENCHMARKS)
     for name in PAPER_BENCHMARKS:  # every default method composes in some benchmark of the family
-        assert set(resolve_methods(load_benchmark(name), None)) <= {m for _, m in composed["configs"]}
+        assert set(resolve_methods(load_benchmark(name), None)) <= {
+            m for _, m in composed["configs"]
+        }
     seen = set()
     for (name, method), config in composed["configs"].items():
         for group in ("method", "modelpool", "taskpool"):
             assert config.get(group) and "_target_" in config[group], (name, method, group)
         spec = load_benchmark(name)
         assert list(config["taskpool"]["test_datasets"]) == spec["tasks"], name
-        assert [m for m in config["modelpool"]["models"] if m != "_pretrained_"] == spec["tasks"], name
+        assert [m for m in config["modelpool"]["models"] if m != "_pretrained_"] == spec["tasks"], (
+            name
+        )
         if method == "ace":
             assert config["method"]["_target_"] == "fusion_bench_ace.ACEMerging"
         seen |= set(targets({g: config[g] for g in ("method", "modelpool", "taskpool")}))
@@ -211,12 +250,16 @@ def test_every_hub_id_resolves_to_its_local_copy(composed):
         if name.startswith("openclip_"):
             pool = config["modelpool"]
             assert pool["model_dir"] == openclip_dir
-            paths = [m["pickle_path"] for m in pool["models"].values()] + list(pool["classification_heads"].values())
+            paths = [m["pickle_path"] for m in pool["models"].values()] + list(
+                pool["classification_heads"].values()
+            )
             assert all(p.startswith(openclip_dir + "/") for p in paths), name
     assert used == ids  # every id of every config is used by some benchmark
     rb = composed["configs"][("roberta_base_glue8", "ace")]
-    assert rb["modelpool"]["models"]["stsb"]["pretrained_model_name_or_path"] == \
-        f"{hf_root}/PLACEHOLDER-twin-merging/roberta-base_stsb"
+    assert (
+        rb["modelpool"]["models"]["stsb"]["pretrained_model_name_or_path"]
+        == f"{hf_root}/PLACEHOLDER-twin-merging/roberta-base_stsb"
+    )
     assert rb["method"]["eps"] == pytest.approx(2e-4)
 
 
@@ -231,21 +274,43 @@ def test_without_a_local_copy_the_hub_id_is_kept(tmp_path):
 
 # --- (b) RoBERTa end to end -----------------------------------------------------------------------
 
-SENTENCES = ["the film was a delight", "a dull and tired plot", "he said that she left early",
-             "the cat sat on the mat", "markets fell sharply today", "a stunning, moving story",
-             "why is the sky blue", "the sky looks blue because of scattering",
-             "two men are playing guitar", "a man plays a guitar", "this is not acceptable grammar is",
-             "rain is expected tomorrow"]
-PAIR_COLUMNS = {"mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"),
-                "rte": ("sentence1", "sentence2"), "qqp": ("question1", "question2"),
-                "qnli": ("question", "sentence"), "mnli": ("premise", "hypothesis")}
+SENTENCES = [
+    "the film was a delight",
+    "a dull and tired plot",
+    "he said that she left early",
+    "the cat sat on the mat",
+    "markets fell sharply today",
+    "a stunning, moving story",
+    "why is the sky blue",
+    "the sky looks blue because of scattering",
+    "two men are playing guitar",
+    "a man plays a guitar",
+    "this is not acceptable grammar is",
+    "rain is expected tomorrow",
+]
+PAIR_COLUMNS = {
+    "mrpc": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"),
+    "rte": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"),
+    "qnli": ("question", "sentence"),
+    "mnli": ("premise", "hypothesis"),
+}
 NUM_LABELS = {"cola": 2, "sst2": 2, "mrpc": 2, "stsb": 1, "qqp": 2, "qnli": 2, "mnli": 3, "rte": 2}
-SCALES = {"cola": 3e-2, "sst2": 1e-3, "mrpc": 1e-2, "stsb": 5e-3, "qqp": 2e-2, "qnli": 1e-4,
-          "mnli": 1e-2, "rte": 3e-3}
+SCALES = {
+    "cola": 3e-2,
+    "sst2": 1e-3,
+    "mrpc": 1e-2,
+    "stsb": 5e-3,
+    "qqp": 2e-2,
+    "qnli": 1e-4,
+    "mnli": 1e-2,
+    "rte": 3e-3,
+}
 
 
 def write_fake_glue(root: Path, rows: int = 12) -> None:
-    """nyu-mll/glue's eight tasks (validation split; MNLI validation_matched), save_to_disk layout."""
+    """nyu-mll/glue's eight tasks (validation split; MNLI validation_matched), saved to disk."""
     from datasets import Dataset, DatasetDict
 
     for i, task in enumerate(RB_TASKS):
@@ -256,38 +321,65 @@ def write_fake_glue(root: Path, rows: int = 12) -> None:
             columns[b] = [SENTENCES[(j * 5 + i + 1) % len(SENTENCES)] for j in range(rows)]
         else:
             columns["sentence"] = [SENTENCES[(j + i) % len(SENTENCES)] for j in range(rows)]
-        columns["label"] = ([round(0.4 * j, 2) for j in range(rows)] if task == "stsb"
-                            else [j % NUM_LABELS[task] for j in range(rows)])
+        columns["label"] = (
+            [round(0.4 * j, 2) for j in range(rows)]
+            if task == "stsb"
+            else [j % NUM_LABELS[task] for j in range(rows)]
+        )
         split = "validation_matched" if task == "mnli" else "validation"
-        DatasetDict({split: Dataset.from_dict(columns)}).save_to_disk(str(root / "nyu-mll" / "glue" / task))
+        DatasetDict({split: Dataset.from_dict(columns)}).save_to_disk(
+            str(root / "nyu-mll" / "glue" / task)
+        )
 
 
 def write_tiny_roberta(root: Path, expert_prefix: str, seed: int = 0) -> None:
     """A random RoBERTa 'FacebookAI/roberta-base' and eight fine-tuned-looking GLUE experts."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel, RobertaTokenizerFast
+    from transformers import (
+        RobertaConfig,
+        RobertaForSequenceClassification,
+        RobertaModel,
+        RobertaTokenizerFast,
+    )
 
     torch.manual_seed(seed)
     base_dir = root / "FacebookAI" / "roberta-base"
     base_dir.mkdir(parents=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SENTENCES * 4, vocab_size=320, min_frequency=1, show_progress=False,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        SENTENCES * 4,
+        vocab_size=320,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
     bpe.save_model(str(base_dir))
-    tokenizer = RobertaTokenizerFast(vocab_file=str(base_dir / "vocab.json"),
-                                     merges_file=str(base_dir / "merges.txt"), model_max_length=64)
+    tokenizer = RobertaTokenizerFast(
+        vocab_file=str(base_dir / "vocab.json"),
+        merges_file=str(base_dir / "merges.txt"),
+        model_max_length=64,
+    )
     tokenizer.save_pretrained(base_dir)
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=48, max_position_embeddings=80,
-                           type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=80,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     base = RobertaModel(config, add_pooling_layer=False).eval()
     base.save_pretrained(base_dir)
     settings = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
     for task in RB_TASKS:
         expert = RobertaForSequenceClassification(
-            RobertaConfig(**settings, num_labels=NUM_LABELS[task])).eval()
+            RobertaConfig(**settings, num_labels=NUM_LABELS[task])
+        ).eval()
         backbone = {k: v + SCALES[task] * torch.randn_like(v) for k, v in base.state_dict().items()}
         expert.roberta.load_state_dict(backbone)
         expert.save_pretrained(root / f"{expert_prefix}{task}")
@@ -296,22 +388,34 @@ def write_tiny_roberta(root: Path, expert_prefix: str, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def tiny_roberta_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_root")
-    pool = yaml.safe_load((CONFIG / "modelpool" / "ace_paper" / "roberta-base_glue8.yaml").read_text())
+    pool = yaml.safe_load(
+        (CONFIG / "modelpool" / "ace_paper" / "roberta-base_glue8.yaml").read_text()
+    )
     write_tiny_roberta(root, pool["expert_prefix"])
     write_fake_glue(root)
-    return {"FUSION_BENCH_ACE_HF_ROOT": str(root), "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return {
+        "FUSION_BENCH_ACE_HF_ROOT": str(root),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
 
 
-METRIC_KEYS = {"cola": {"accuracy", "matthews_correlation"}, "stsb": {"pearson", "spearmanr"},
-               "mrpc": {"accuracy", "f1"}, "qqp": {"accuracy", "f1"}}
+METRIC_KEYS = {
+    "cola": {"accuracy", "matthews_correlation"},
+    "stsb": {"pearson", "spearmanr"},
+    "mrpc": {"accuracy", "f1"},
+    "qqp": {"accuracy", "f1"},
+}
 
 
 def test_roberta_benchmark_end_to_end_with_ace_and_task_arithmetic(tiny_roberta_env, tmp_path):
     out = tmp_path / "roberta_base_glue8"
     with patched_environ(tiny_roberta_env):
-        run_dir = run_comparison("roberta_base_glue8", ["ace", "task_arithmetic"], out, ["run"],
-                                 log=lambda *_: None)
+        run_dir = run_comparison(
+            "roberta_base_glue8", ["ace", "task_arithmetic"], out, ["run"], log=lambda *_: None
+        )
     for method in ("ace", "task_arithmetic"):
         report = json.loads((run_dir / "runs" / method / "program_report.json").read_text())
         assert [t for t in report if t in RB_TASKS] == RB_TASKS, method
@@ -321,21 +425,31 @@ def test_roberta_benchmark_end_to_end_with_ace_and_task_arithmetic(tiny_roberta_
             assert expected <= set(result), (method, task, result)
             assert result["num_samples"] == 12
             assert -1.0 <= result["score"] <= 1.0
-        assert report["average"]["score"] == pytest.approx(sum(report[t]["score"] for t in RB_TASKS) / 8)
+        assert report["average"]["score"] == pytest.approx(
+            sum(report[t]["score"] for t in RB_TASKS) / 8
+        )
     command = (run_dir / "runs" / "ace" / "command.txt").read_text()
-    assert "method=ace_roberta_base method.device=auto" in command and "modelpool=ace_paper/roberta-base_glue8" in command
-    # the RoBERTa preset merges only the encoder's weight matrices (embeddings, LayerNorms, biases kept)
+    assert (
+        "method=ace_roberta_base method.device=auto" in command
+        and "modelpool=ace_paper/roberta-base_glue8" in command
+    )
+    # the RoBERTa preset merges only the encoder's weight matrices (embeddings, LayerNorms and
+    # biases kept)
     layers = json.loads((run_dir / "runs" / "ace" / "ace_diagnostics.json").read_text())["layers"]
-    assert layers and all(re.match(r"encoder\.layer\.\d+\..*weight$", row["name"]) for row in layers)
-    assert {row["name"] for row in layers} >= {"encoder.layer.0.attention.self.query.weight",
-                                                "encoder.layer.1.output.dense.weight"}
+    assert layers and all(
+        re.match(r"encoder\.layer\.\d+\..*weight$", row["name"]) for row in layers
+    )
+    assert {row["name"] for row in layers} >= {
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.1.output.dense.weight",
+    }
     # the paper's Table 3 comes along with the table
     table = (run_dir / "table.md").read_text()
     assert "ACE-Merging *(ACE-Merging Table 3 (normalised %))*" in table
 
 
 def test_an_experts_own_backbone_reproduces_the_fine_tuned_classifier(tiny_roberta_env):
-    """The `individual` diagonal: expert t's backbone + task t's head = the fine-tuned model itself."""
+    """The `individual` diagonal: expert t's backbone + task t's head = the fine-tuned model."""
     import torch
     from omegaconf import OmegaConf
     from transformers import AutoModelForSequenceClassification, RobertaModel
@@ -343,24 +457,41 @@ def test_an_experts_own_backbone_reproduces_the_fine_tuned_classifier(tiny_rober
     from fusion_bench_ace.taskpools.glue import GLUESequenceClassificationTaskPool, load_glue_split
 
     root = Path(tiny_roberta_env["FUSION_BENCH_ACE_HF_ROOT"])
-    pool_config = yaml.safe_load((CONFIG / "modelpool" / "ace_paper" / "roberta-base_glue8.yaml").read_text())
+    pool_config = yaml.safe_load(
+        (CONFIG / "modelpool" / "ace_paper" / "roberta-base_glue8.yaml").read_text()
+    )
     expert_dir = root / f"{pool_config['expert_prefix']}stsb"
     pool = GLUESequenceClassificationTaskPool(
-        test_datasets=OmegaConf.create({"stsb": {"_target_": "fusion_bench_ace.taskpools.glue.load_glue_split",
-                                                 "name": "stsb", "path": str(root / "nyu-mll" / "glue")}}),
+        test_datasets=OmegaConf.create(
+            {
+                "stsb": {
+                    "_target_": "fusion_bench_ace.taskpools.glue.load_glue_split",
+                    "name": "stsb",
+                    "path": str(root / "nyu-mll" / "glue"),
+                }
+            }
+        ),
         tokenizer=str(root / "FacebookAI" / "roberta-base"),
         classifiers=OmegaConf.create({"stsb": str(expert_dir)}),
     )
     backbone = RobertaModel.from_pretrained(expert_dir, add_pooling_layer=False).eval()
     combined = pool.get_classifier("stsb", backbone).eval()
     reference = AutoModelForSequenceClassification.from_pretrained(expert_dir).eval()
-    batch = pool.tokenizer(["two men are playing guitar", "rain"], ["a man plays a guitar", "sun"],
-                           padding=True, return_tensors="pt")
+    batch = pool.tokenizer(
+        ["two men are playing guitar", "rain"],
+        ["a man plays a guitar", "sun"],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         torch.testing.assert_close(combined(**batch).logits, reference(**batch).logits)
-    assert len(load_glue_split("mnli", path=str(root / "nyu-mll" / "glue"))) == 12  # validation_matched
+    assert (
+        len(load_glue_split("mnli", path=str(root / "nyu-mll" / "glue"))) == 12
+    )  # validation_matched
     with pytest.raises(ValueError, match="3 labels"):
-        pool._classifiers = OmegaConf.create({"stsb": str(root / f"{pool_config['expert_prefix']}mnli")})
+        pool._classifiers = OmegaConf.create(
+            {"stsb": str(root / f"{pool_config['expert_prefix']}mnli")}
+        )
         pool.get_classifier("stsb", backbone)
 
 
@@ -374,7 +505,9 @@ def test_glue_metrics():
     mrpc = glue_metrics("mrpc", logits, [0, 1, 0, 0])
     assert mrpc["f1"] == pytest.approx(2 / 3) and mrpc["score"] == pytest.approx((0.75 + 2 / 3) / 2)
     stsb = glue_metrics("stsb", [[0.1], [0.2], [0.4], [0.3]], [1.0, 2.0, 3.0, 4.0])
-    assert stsb["spearmanr"] == pytest.approx(0.8) and stsb["score"] == pytest.approx((stsb["pearson"] + 0.8) / 2)
+    assert stsb["spearmanr"] == pytest.approx(0.8) and stsb["score"] == pytest.approx(
+        (stsb["pearson"] + 0.8) / 2
+    )
     assert "accuracy" not in stsb
     assert glue_metrics("mnli", [[0, 0, 1.0]], [2]) == {"accuracy": 1.0, "score": 1.0}
 
@@ -387,15 +520,23 @@ def test_gpt2_glue_is_tokenized_as_fusion_bench_does(tiny_roberta_env, tmp_path)
     from fusion_bench_ace.taskpools.glue import _gpt2_tokenizer, load_gpt2_glue
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SENTENCES, vocab_size=300, min_frequency=1, show_progress=False,
-                            special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(
+        SENTENCES,
+        vocab_size=300,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=["<|endoftext|>"],
+    )
     bpe.save_model(str(tmp_path))
     glue = str(Path(tiny_roberta_env["FUSION_BENCH_ACE_HF_ROOT"]) / "nyu-mll" / "glue")
     ours = load_gpt2_glue("rte", "validation", path=glue, tokenizer=str(tmp_path))
     raw = load_hf_dataset(glue, split="validation", name="rte")
     tokenizer = _gpt2_tokenizer(str(tmp_path))
-    theirs = raw.map(lambda b: mrpc_tokenize_function(b, tokenizer), batched=True,
-                     remove_columns=["sentence1", "sentence2"])
+    theirs = raw.map(
+        lambda b: mrpc_tokenize_function(b, tokenizer),
+        batched=True,
+        remove_columns=["sentence1", "sentence2"],
+    )
     assert ours.column_names == theirs.column_names and "label" in ours.column_names
     assert ours["input_ids"] == theirs["input_ids"] and len(ours[0]["input_ids"]) == 512
 
@@ -415,7 +556,9 @@ def test_paper_numbers_match_the_benchmarks():
         entries = table[name]["rows"]
         assert entries and table[name]["source"]
         for entry in entries:
-            assert entry["source"] and entry["method"] and isinstance(entry["average"], (int, float))
+            assert (
+                entry["source"] and entry["method"] and isinstance(entry["average"], (int, float))
+            )
             if "scores" in entry:
                 assert list(entry["scores"]) == spec["tasks"], (name, entry["method"])
         rows = paper_rows(spec)
@@ -434,8 +577,13 @@ def test_paper_averages_recompute_except_the_documented_typos():
             mean = sum(entry["scores"].values()) / len(entry["scores"])
             if abs(mean - entry["average"]) > 0.15:
                 assert entry.get("average_inconsistent") is True, (key, entry["method"])
-                inconsistent.add((key.replace("openclip_", "clip_"), entry["method"],
-                                  " ".join(entry["source"].split()[:3])))
+                inconsistent.add(
+                    (
+                        key.replace("openclip_", "clip_"),
+                        entry["method"],
+                        " ".join(entry["source"].split()[:3]),
+                    )
+                )
             else:
                 assert "average_inconsistent" not in entry, (key, entry["method"])
     assert inconsistent == DOCUMENTED_INCONSISTENT
@@ -447,7 +595,9 @@ def _md_tables(text: str):
     for line in text.splitlines() + [""]:
         if line.startswith("|"):
             if not set(line) <= set("|-: "):
-                current.append([c.strip().replace("**", "") for c in line.strip().strip("|").split("|")])
+                current.append(
+                    [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+                )
         elif current:
             tables.append(current)
             current = []
@@ -458,27 +608,43 @@ def _value(cell: str) -> float:
     return float(cell.split("±")[0])
 
 
-@pytest.mark.skipif(not ALGORITHMS_MD.is_file(), reason="shared/design/ALGORITHMS.md is not beside the repo")
+@pytest.mark.skipif(
+    not ALGORITHMS_MD.is_file(), reason="shared/design/ALGORITHMS.md is not beside the repo"
+)
 def test_paper_numbers_are_copied_exactly_from_algorithms_md():
     table = paper_table()
     tables = _md_tables(ALGORITHMS_MD.read_text())
 
     def pick(*header):
-        (hit,) = [t for t in tables if t[0][:len(header)] == list(header)]
+        (hit,) = [t for t in tables if t[0][: len(header)] == list(header)]
         return hit
 
     def find(key, method, source):
-        hits = [r for r in table[key]["rows"] if r["method"] == method and r["source"].startswith(source)]
+        hits = [
+            r
+            for r in table[key]["rows"]
+            if r["method"] == method and r["source"].startswith(source)
+        ]
         assert len(hits) == 1, (key, method, source)
         return hits[0]
 
-    settings = {"B/32-8": "b32_ta8", "B/32-14": "b32_tall14", "B/32-20": "b32_tall20", "B/16-8": "b16_ta8",
-                "B/16-14": "b16_tall14", "B/16-20": "b16_tall20", "L/14-8": "l14_ta8", "L/14-14": "l14_tall14",
-                "L/14-20": "l14_tall20"}
+    settings = {
+        "B/32-8": "b32_ta8",
+        "B/32-14": "b32_tall14",
+        "B/32-20": "b32_tall20",
+        "B/16-8": "b16_ta8",
+        "B/16-14": "b16_tall14",
+        "B/16-20": "b16_tall20",
+        "L/14-8": "l14_ta8",
+        "L/14-14": "l14_tall14",
+        "L/14-20": "l14_tall20",
+    }
     checked = 0
     # ACE Table 1 and SyMerge's table: averages only
-    for header, *rows in (pick("Method", "B/32-8", "B/32-14", "B/32-20", "B/16-8"),
-                          pick("Method", "B/32-8", "B/32-14", "B/32-20", "L/14-8")):
+    for header, *rows in (
+        pick("Method", "B/32-8", "B/32-14", "B/32-20", "B/16-8"),
+        pick("Method", "B/32-8", "B/32-14", "B/32-20", "L/14-8"),
+    ):
         source = "ACE-Merging Table 1" if "B/16-8" in header else "SyMerge"
         for row in rows:
             for col, cell in zip(header[1:], row[1:]):
@@ -509,7 +675,7 @@ def test_paper_numbers_are_copied_exactly_from_algorithms_md():
         assert f"{value:.2f}" in text
 
 
-# --- open_clip: FusionBench's pools, as our configs use them ----------------------------------------
+# --- open_clip: FusionBench's pools, as our configs use them ------------------------------------
 
 
 def test_openclip_pool_reads_the_task_vectors_layout(tmp_path, monkeypatch):
@@ -524,14 +690,21 @@ def test_openclip_pool_reads_the_task_vectors_layout(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     real = open_clip.create_model_and_transforms
-    monkeypatch.setattr(open_clip, "create_model_and_transforms",
-                        lambda name, pretrained=None, **kw: real(name, pretrained=None, **kw))
+    monkeypatch.setattr(
+        open_clip,
+        "create_model_and_transforms",
+        lambda name, pretrained=None, **kw: real(name, pretrained=None, **kw),
+    )
     torch.manual_seed(0)
     encoder = ImageEncoder("ViT-B-32")
     (tmp_path / "ViT-B-32" / "SUN397").mkdir(parents=True)
     torch.save(encoder, tmp_path / "ViT-B-32" / "SUN397" / "finetuned.pt")
-    os.link(tmp_path / "ViT-B-32" / "SUN397" / "finetuned.pt", tmp_path / "ViT-B-32" / "zeroshot.pt")
-    torch.save(ClassificationHead(True, torch.randn(397, 512)), tmp_path / "ViT-B-32" / "head_SUN397.pt")
+    os.link(
+        tmp_path / "ViT-B-32" / "SUN397" / "finetuned.pt", tmp_path / "ViT-B-32" / "zeroshot.pt"
+    )
+    torch.save(
+        ClassificationHead(True, torch.randn(397, 512)), tmp_path / "ViT-B-32" / "head_SUN397.pt"
+    )
 
     config = OmegaConf.load(CONFIG / "modelpool" / "ace_paper" / "openclip_ViT-B-32_TA8.yaml")
     with patched_environ({"FUSION_BENCH_ACE_OPENCLIP_DIR": str(tmp_path)}):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fusion_bench_ace.program import FusionProgram
+
 from tiny_gpt2 import build_tiny_gpt2_pool
 
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))

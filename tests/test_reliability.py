@@ -1,4 +1,5 @@
-"""Bad input to the FusionBench adapters fails early and clearly; odd but valid input merges finitely.
+"""Bad input to the FusionBench adapters fails early and clearly; odd but valid input merges
+finitely.
 
 Each case here is a row of the README's reliability table. In-process (no CLI) on small in-memory
 model pools; the CLI-level cases (unknown method names, output clobbering) are in test_cli_ace.py
@@ -113,7 +114,9 @@ def test_half_precision_experts_are_merged_in_float32_and_cast_back(dtype):
 
 def test_a_merge_that_overflows_float16_is_an_error_naming_the_parameter():
     base = small_model(0, torch.float16)
-    experts = {f"e{i}": perturbed(copy.deepcopy(base).float(), i, 1.0, torch.float16) for i in range(2)}
+    experts = {
+        f"e{i}": perturbed(copy.deepcopy(base).float(), i, 1.0, torch.float16) for i in range(2)
+    }
     message = r"parameter '0.weight': the merged weights do not fit in torch.float16"
     with pytest.raises(ValueError, match=message):
         ACEMerging(scaling_factor=1e6).run(pool_of(base, experts))

@@ -18,6 +18,7 @@ from fusion_bench_ace.streaming import (
     open_expert,
     safetensors_files,
 )
+
 from tiny_gpt2 import TASKS, build_tiny_gpt2_pool
 
 
@@ -30,7 +31,8 @@ def tiny_pool(tmp_path_factory):
 
 
 def make_pool(config):
-    # the backbones (GPT2Model) of GPT2ForSequenceClassification checkpoints: keys under "transformer."
+    # the backbones (GPT2Model) of GPT2ForSequenceClassification checkpoints: keys under
+    # "transformer."
     return BaseModelPool(OmegaConf.create(config["models"]))
 
 
@@ -59,8 +61,12 @@ def test_auto_streams_checkpoints_and_reads_lazily(tiny_pool):
     assert isinstance(state, SafetensorsStateDict)
     assert state.reads == 0  # nothing read until asked
     name = "h.0.attn.c_attn.weight"
-    assert torch.equal(state[name], GPT2Model.from_pretrained(config["models"]["alpha"][
-        "pretrained_model_name_or_path"]).state_dict()[name])
+    assert torch.equal(
+        state[name],
+        GPT2Model.from_pretrained(
+            config["models"]["alpha"]["pretrained_model_name_or_path"]
+        ).state_dict()[name],
+    )
     assert state.reads == 1
 
 
@@ -89,22 +95,33 @@ def test_single_file_prefix_and_tied_weights(tmp_path):
     torch.manual_seed(0)
     reference = {"a.weight": torch.randn(3, 4), "b": torch.randn(5)}
     reference["tied.weight"] = reference["a.weight"]  # same storage, saved once
-    stored = {"model.a.weight": torch.randn(3, 4).double(), "model.b": torch.randn(5).double(),
-              "model.extra": torch.zeros(2)}
+    stored = {
+        "model.a.weight": torch.randn(3, 4).double(),
+        "model.b": torch.randn(5).double(),
+        "model.extra": torch.zeros(2),
+    }
     path = tmp_path / "expert.safetensors"
     save_file(stored, str(path))
     assert set(safetensors_files(path)) == set(stored)
     mapping, unmatched = match_keys(reference, list(stored))
     assert unmatched == []
-    assert mapping == {"a.weight": "model.a.weight", "b": "model.b", "tied.weight": "model.a.weight"}
+    assert mapping == {
+        "a.weight": "model.a.weight",
+        "b": "model.b",
+        "tied.weight": "model.a.weight",
+    }
     state, unmatched = open_expert(path, reference)
     assert unmatched == [] and len(state) == 3
     assert state["b"].dtype == torch.float32  # cast like a float32 model would
     assert torch.equal(state["b"], stored["model.b"].float())
     assert {k: tuple(v.shape) for k, v in state.meta().items()} == {
-        "a.weight": (3, 4), "b": (5,), "tied.weight": (3, 4)}
-    stacked = stacked_task_vectors("b", reference["b"], {"e": state}, device=torch.device("cpu"),
-                                   dtype=torch.float32)
+        "a.weight": (3, 4),
+        "b": (5,),
+        "tied.weight": (3, 4),
+    }
+    stacked = stacked_task_vectors(
+        "b", reference["b"], {"e": state}, device=torch.device("cpu"), dtype=torch.float32
+    )
     assert torch.equal(stacked[0], stored["model.b"].float() - reference["b"])
     assert safetensors_files(tmp_path / "nothing") is None
 

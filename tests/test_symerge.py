@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import patched_environ
 from fusion_bench_ace.symerge import (
     TaskHead,
     confidence_filter,
@@ -23,6 +22,8 @@ from fusion_bench_ace.symerge import (
     self_labelling_loss,
     task_schedule,
 )
+
+from conftest import patched_environ
 
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
 TASKS = ("shapes", "colors", "position", "sizes", "counting", "orientation", "textures", "digits")
@@ -125,11 +126,14 @@ def test_loss_reduces_and_coefficients_stay_finite_on_a_toy_problem():
     optimizer = torch.optim.Adam([raw, *[p for h in heads for p in h.parameters()]], lr=1e-2)
 
     def expert_logits(k):
-        return 10.0 * F.normalize(inputs[k] @ (base + task_vectors[k]).T, dim=-1) @ expert_heads[k].T
+        features = F.normalize(inputs[k] @ (base + task_vectors[k]).T, dim=-1)
+        return 10.0 * features @ expert_heads[k].T
 
     def losses():
         weight = merge_tensor(base, task_vectors, effective_coefficients(raw[:, 0], clamp=True))
-        return [self_labelling_loss(heads[k](inputs[k] @ weight.T), expert_logits(k)) for k in range(2)]
+        return [
+            self_labelling_loss(heads[k](inputs[k] @ weight.T), expert_logits(k)) for k in range(2)
+        ]
 
     first = sum(float(r.loss.detach()) for r in losses())
     for step in range(200):
@@ -142,7 +146,9 @@ def test_loss_reduces_and_coefficients_stay_finite_on_a_toy_problem():
         assert torch.isfinite(raw).all()
     last = sum(float(r.loss.detach()) for r in losses())
     assert last < 0.5 * first
-    assert torch.all((effective_coefficients(raw, True) >= 0) & (effective_coefficients(raw, True) <= 1))
+    assert torch.all(
+        (effective_coefficients(raw, True) >= 0) & (effective_coefficients(raw, True) <= 1)
+    )
 
 
 # --- through the fusion_bench CLI on the reduced benchmark ----------------------------------------
@@ -151,11 +157,25 @@ def test_loss_reduces_and_coefficients_stay_finite_on_a_toy_problem():
 def test_symerge_runs_on_the_reduced_benchmark(reduced_clip_env, tmp_path):
     log_dir, saved = tmp_path / "symerge", tmp_path / "merged"
     result = subprocess.run(
-        [FUSION_BENCH, "--config-name", "ace_model_fusion", "method=symerge_mini", "method.rounds=6",
-         "modelpool=ace_mini_clip_tta", "taskpool=ace_mini_clip", "print_config=false", "seed=0",
-         f"path.log_dir={log_dir}", f"merged_model_save_path={saved}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **reduced_clip_env})
+        [
+            FUSION_BENCH,
+            "--config-name",
+            "ace_model_fusion",
+            "method=symerge_mini",
+            "method.rounds=6",
+            "modelpool=ace_mini_clip_tta",
+            "taskpool=ace_mini_clip",
+            "print_config=false",
+            "seed=0",
+            f"path.log_dir={log_dir}",
+            f"merged_model_save_path={saved}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **reduced_clip_env},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "SyMerge test-time adaptation" in result.stderr + result.stdout  # the progress bar
 
@@ -209,10 +229,21 @@ def test_symerge_is_deterministic_given_its_seed(reduced_clip_env, tmp_path):
     for run in ("a", "b"):
         log_dir = tmp_path / run
         result = subprocess.run(
-            [FUSION_BENCH, "method=symerge_mini", "method.rounds=3", "modelpool=ace_mini_clip_tta",
-             "taskpool=ace_mini_clip", "print_config=false", f"path.log_dir={log_dir}"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **reduced_clip_env})
+            [
+                FUSION_BENCH,
+                "method=symerge_mini",
+                "method.rounds=3",
+                "modelpool=ace_mini_clip_tta",
+                "taskpool=ace_mini_clip",
+                "print_config=false",
+                f"path.log_dir={log_dir}",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **reduced_clip_env},
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         info = json.loads((log_dir / "symerge_coefficients.json").read_text())
         coefficients.append((info["round_loss"], info["coefficients"]))

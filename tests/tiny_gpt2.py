@@ -22,7 +22,7 @@ CORPUS = ["the quick brown fox jumps over the lazy dog", "merging models without
 
 
 def build_tiny_gpt2_pool(root: Path, seed: int = 0) -> Path:
-    """Write checkpoints, tokenizer, test sets and ``modelpool``/``taskpool`` configs under ``root``.
+    """Write checkpoints, tokenizer, test sets and ``modelpool``/``taskpool`` configs in ``root``.
 
     Returns the config directory to pass to ``fusion_bench --config-dir``.
     """
@@ -35,7 +35,11 @@ def build_tiny_gpt2_pool(root: Path, seed: int = 0) -> Path:
     bpe.save_model(str(tokenizer_dir))
 
     config = GPT2Config(
-        vocab_size=bpe.get_vocab_size(), n_positions=32, n_embd=24, n_layer=2, n_head=2,
+        vocab_size=bpe.get_vocab_size(),
+        n_positions=32,
+        n_embd=24,
+        n_layer=2,
+        n_head=2,
         pad_token_id=0,
     )
     pretrained = GPT2ForSequenceClassification(config).eval()

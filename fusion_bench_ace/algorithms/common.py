@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without one is an error, not a fallback."""
+    """``auto`` picks CUDA when available; CUDA asked for without one is an error, no fallback."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use cpu or auto")
+        raise ValueError(
+            f"device={device!r} was asked for but CUDA is not available; use cpu or auto"
+        )
     return resolved
 
 
@@ -116,8 +118,10 @@ def load_pool_experts(
         paths[name] = path
     if reasons:
         if mode == "true":
-            raise ValueError("streaming=true, but not every expert is a local safetensors "
-                             "checkpoint:\n  " + "\n  ".join(reasons))
+            raise ValueError(
+                "streaming=true, but not every expert is a local safetensors "
+                "checkpoint:\n  " + "\n  ".join(reasons)
+            )
         log.info("streaming=auto: loading the experts in memory (%s)", "; ".join(reasons))
         pretrained_model, experts = load_pool_state_dicts(modelpool)
         return pretrained_model, experts, False
@@ -131,8 +135,11 @@ def load_pool_experts(
         if unmatched:
             unmatched_any.append(f"expert '{name}': {len(unmatched)} names, e.g. {unmatched[:3]}")
     if unmatched_any and mode == "auto":
-        log.info("streaming=auto: checkpoint keys do not match the model's (%s); loading the "
-                 "experts in memory", "; ".join(unmatched_any))
+        log.info(
+            "streaming=auto: checkpoint keys do not match the model's (%s); loading the "
+            "experts in memory",
+            "; ".join(unmatched_any),
+        )
         del pretrained_model, pretrained, experts
         pretrained_model, experts = load_pool_state_dicts(modelpool)
         return pretrained_model, experts, False
@@ -147,7 +154,9 @@ def conv1d_weight_names(model: nn.Module) -> List[str]:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a FusionBench dependency
         return []
-    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    return [
+        f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)
+    ]
 
 
 def layer_progress(description: str) -> Callable[[Iterable[str]], Iterable[str]]:

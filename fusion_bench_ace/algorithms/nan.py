@@ -65,7 +65,8 @@ TIES_MERGE_FUNCS = ("sum", "mean", "max")
 
 
 def _merge_keys(pretrained: Dict[str, Tensor], remove: NamePatterns) -> Tuple[List[str], List[str]]:
-    """``(tensors merged, tensors removed)``: floating-point tensors not selected by ``remove_keys``."""
+    """``(merged, removed)`` tensor names: the floating-point ones ``remove_keys`` does not select
+    are merged."""
     unused = remove.unused(pretrained)
     if unused:
         log.warning("remove_keys select no tensor of the model (ignored): %s", unused)
@@ -122,7 +123,9 @@ class _NANPlugin:
         if coefficients.alpha.dim() == 1:
             listed = ", ".join(
                 f"{name}={a:.6g} (norm {n:.6g})"
-                for name, a, n in zip(names, coefficients.alpha.tolist(), coefficients.norms.tolist())
+                for name, a, n in zip(
+                    names, coefficients.alpha.tolist(), coefficients.norms.tolist()
+                )
             )
         else:
             alpha = coefficients.alpha
@@ -136,8 +139,14 @@ class _NANPlugin:
         log.info(
             "%s alpha (norm_target=%s, granularity=%s, normalize=%s, %d tensors): %s; "
             "global scale s=%g (%s), max/min alpha ratio %.6g",
-            self.method_name, coefficients.norm_target, coefficients.granularity,
-            coefficients.normalize, len(coefficients.keys), listed, scale, self.global_scale,
+            self.method_name,
+            coefficients.norm_target,
+            coefficients.granularity,
+            coefficients.normalize,
+            len(coefficients.keys),
+            listed,
+            scale,
+            self.global_scale,
             coefficients.max_min_ratio(),
         )
         data = {
@@ -162,7 +171,8 @@ class TaskArithmeticNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm)
 
     Args:
         norm_target: ``finetuned`` (norms of ``θ_i``, primary) or ``task_vector`` (of ``τ_i``).
-        granularity: ``model`` (one ``α_i`` from the global norm, primary) or ``layer`` (per tensor).
+        granularity: ``model`` (one ``α_i`` from the global norm, primary) or ``layer`` (one per
+            tensor).
         normalize: ``sum`` of the reciprocal norms (primary) or ``softmax`` over them.
         global_scale: ``s``: a number, ``"<x>M"`` (``x`` times the number of experts; default
             ``"0.3M"`` = FusionBench TA with ``scaling_factor=0.3`` when ``α`` is uniform) or

@@ -113,7 +113,9 @@ class SyMergeCLIPVisionModel(nn.Module):
 
     def _head(self, task: Optional[str]) -> TaskHead:
         if task not in self.heads:
-            raise KeyError(f"no task-specific layer for task {task!r}; this model has {self.task_names}")
+            raise KeyError(
+                f"no task-specific layer for task {task!r}; this model has {self.task_names}"
+            )
         return self.heads[task]
 
     def task_logits(self, pixel_values: Tensor, task: str) -> Tensor:
@@ -133,11 +135,23 @@ class SyMergeCLIPVisionModel(nn.Module):
         self.encoder.save_pretrained(save_directory, **kwargs)
         tensors = {"visual_projection.weight": self.visual_projection.weight}
         for task, head in self.heads.items():
-            tensors.update({f"{task}.weight": head.weight, f"{task}.bias": head.bias, f"{task}.readout": head.readout})
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                  os.path.join(save_directory, TASK_LAYERS_FILE))
-        index = {"tasks": self.task_names, "logit_scale": self.logit_scale,
-                 "task_specific_layer": "classification_head", "head": "weight @ (z / |z|) + bias"}
+            tensors.update(
+                {
+                    f"{task}.weight": head.weight,
+                    f"{task}.bias": head.bias,
+                    f"{task}.readout": head.readout,
+                }
+            )
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            os.path.join(save_directory, TASK_LAYERS_FILE),
+        )
+        index = {
+            "tasks": self.task_names,
+            "logit_scale": self.logit_scale,
+            "task_specific_layer": "classification_head",
+            "head": "weight @ (z / |z|) + bias",
+        }
         Path(save_directory, TASK_LAYERS_INDEX).write_text(json.dumps(index, indent=1))
 
     @classmethod
@@ -157,7 +171,9 @@ class SyMergeCLIPVisionModel(nn.Module):
 class _SyMergeTrainable(nn.Module):
     """What the optimiser sees: the layer-wise merged encoder and the trainable heads."""
 
-    def __init__(self, merged: LayerWiseMergedModel, visual_projection: nn.Module, heads: nn.ModuleDict):
+    def __init__(
+        self, merged: LayerWiseMergedModel, visual_projection: nn.Module, heads: nn.ModuleDict
+    ):
         super().__init__()
         self.merged = merged
         self.visual_projection = visual_projection
@@ -219,9 +235,14 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
         if task_specific_layer not in TASK_SPECIFIC_LAYERS:
-            raise ValueError(f"task_specific_layer must be one of {TASK_SPECIFIC_LAYERS}; got {task_specific_layer!r}")
+            raise ValueError(
+                f"task_specific_layer must be one of {TASK_SPECIFIC_LAYERS}; "
+                f"got {task_specific_layer!r}"
+            )
         if int(rounds) < 0 or int(batch_size) < 1 or not float(lr) > 0:
-            raise ValueError(f"need rounds >= 0, batch_size >= 1, lr > 0; got {rounds}, {batch_size}, {lr}")
+            raise ValueError(
+                f"need rounds >= 0, batch_size >= 1, lr > 0; got {rounds}, {batch_size}, {lr}"
+            )
         self.zeroshot_weights: Dict[str, Tensor] = {}  # the mixin's is a class attribute
         self.history: Dict[str, list] = {}
 
@@ -230,19 +251,23 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
     def _check_pool(self, modelpool: BaseModelPool) -> List[str]:
         tasks = list(modelpool.model_names)
         if not modelpool.has_pretrained:
-            raise ValueError("SyMerge merges task vectors and needs the pool's '_pretrained_' model")
+            raise ValueError(
+                "SyMerge merges task vectors and needs the pool's '_pretrained_' model"
+            )
         missing = [t for t in tasks if t not in (modelpool.test_dataset_names or [])]
         if missing:
             raise ValueError(
-                f"SyMerge adapts on each task's unlabelled test inputs, read from the model pool's "
-                f"test_datasets, which lacks {missing}; use a pool that lists them (for the embedded "
-                "benchmark: modelpool=ace_mini_clip_tta)"
+                "SyMerge adapts on each task's unlabelled test inputs, read from the model pool's "
+                f"test_datasets, which lacks {missing}; use a pool that lists them (for the "
+                "embedded benchmark: modelpool=ace_mini_clip_tta)"
             )
         return tasks
 
     def _setup_heads(self, tasks: List[str]) -> None:
         for task in tasks:  # loading a test set may register its class names (embedded benchmark)
-            self.get_shuffled_test_loader_iter(task, batch_size=self.batch_size, num_workers=self.num_workers)
+            self.get_shuffled_test_loader_iter(
+                task, batch_size=self.batch_size, num_workers=self.num_workers
+            )
         clip_model = None
         if self.zero_shot_clip_model:
             clip_model = CLIPModel.from_pretrained(str(self.zero_shot_clip_model))
@@ -254,7 +279,9 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
         # one coefficient per trainable tensor, in the wrapper's order
         self._tensor_names = [n for n, p in pretrained.named_parameters() if p.requires_grad]
         return LayerWiseMergedModel(
-            layer_wise_weight=initial_coefficients(len(tasks), len(self._tensor_names), self.init_value),
+            layer_wise_weight=initial_coefficients(
+                len(tasks), len(self._tensor_names), self.init_value
+            ),
             pretrained_model=pretrained,
             finetuned_models=finetuned,
             clamp_weights=self.clamp_weights,
@@ -281,13 +308,18 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
         with self.profile("load models"):
             merged = self._build_merged(modelpool, tasks)
             experts = self._load_experts(modelpool, tasks)
-        heads = nn.ModuleDict({
-            t: TaskHead.from_zero_shot(self.zeroshot_weights[t], float(self.logit_scale_exp)) for t in tasks
-        })
+        heads = nn.ModuleDict(
+            {
+                t: TaskHead.from_zero_shot(self.zeroshot_weights[t], float(self.logit_scale_exp))
+                for t in tasks
+            }
+        )
         heads.requires_grad_(bool(self.train_heads))
         trainable = _SyMergeTrainable(merged, self.visual_projection, heads)
         parameters = [merged.merge_weight] + (list(heads.parameters()) if self.train_heads else [])
-        optimizer = torch.optim.Adam(parameters, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        optimizer = torch.optim.Adam(
+            parameters, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay
+        )
         trainable, optimizer = self.fabric.setup(trainable, optimizer)
 
         with self.profile("test-time adaptation"):
@@ -295,10 +327,18 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
 
         with torch.no_grad():
             encoder = merged.merge_and_unload().eval()
-        readouts = {t: readout_through_text_head(self.zeroshot_weights[t].detach().cpu(), float(self.logit_scale_exp))
-                    for t in tasks}
+        readouts = {
+            t: readout_through_text_head(
+                self.zeroshot_weights[t].detach().cpu(), float(self.logit_scale_exp)
+            )
+            for t in tasks
+        }
         model = SyMergeCLIPVisionModel(
-            encoder, self.visual_projection, {t: heads[t] for t in tasks}, readouts, float(self.logit_scale_exp)
+            encoder,
+            self.visual_projection,
+            {t: heads[t] for t in tasks},
+            readouts,
+            float(self.logit_scale_exp),
         ).requires_grad_(False)
         self._report(merged, tasks)
         self.print_profile_summary("SyMerge profile")
@@ -306,11 +346,20 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
 
     def _adapt(self, trainable, optimizer, experts: Dict[str, nn.Module], tasks: List[str]) -> None:
         rounds = 1 if self.is_debug_mode else int(self.rounds)
-        history = {"round_loss": [], "round_kept_fraction": [], "round_agreement": [], "skipped_steps": 0}
+        history = {
+            "round_loss": [],
+            "round_kept_fraction": [],
+            "round_agreement": [],
+            "skipped_steps": 0,
+        }
         trainable.train()
         current: Dict[str, List[float]] = {"loss": [], "kept": [], "agree": []}
-        bar = tqdm(task_schedule(tasks, rounds, self.shuffle_tasks, self.seed), total=rounds * len(tasks),
-                   desc="SyMerge test-time adaptation", dynamic_ncols=True)
+        bar = tqdm(
+            task_schedule(tasks, rounds, self.shuffle_tasks, self.seed),
+            total=rounds * len(tasks),
+            desc="SyMerge test-time adaptation",
+            dynamic_ncols=True,
+        )
         last_round = 0
 
         def close_round():
@@ -326,8 +375,11 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
                 close_round()
                 last_round = round_index
             with self.profile("data loading"):
-                images = next(self.get_shuffled_test_loader_iter(
-                    task, batch_size=self.batch_size, num_workers=self.num_workers))[0]  # labels unused
+                images = next(
+                    self.get_shuffled_test_loader_iter(
+                        task, batch_size=self.batch_size, num_workers=self.num_workers
+                    )
+                )[0]  # labels unused
             with self.profile("expert labels"), torch.no_grad(), self.fabric.autocast():
                 expert_logits = self.compute_logits(experts[task], images, task)
             with self.profile("forward pass"):
@@ -335,7 +387,9 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
                 result = self_labelling_loss(merged_logits, expert_logits, self.loss)
             current["agree"].append(result.agreement)
             current["kept"].append(result.kept / max(result.total, 1))
-            if result.loss is None:  # nothing kept: the authors' code would step on NaN (skipped by AMP)
+            if (
+                result.loss is None
+            ):  # nothing kept: the authors' code would step on NaN (skipped by AMP)
                 history["skipped_steps"] += 1
                 continue
             with self.profile("backward pass"):
@@ -344,17 +398,31 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
                 optimizer.step()
             current["loss"].append(float(result.loss.detach()))
             weight = trainable.merged.merge_weight.detach()
-            metrics = {"train/loss": current["loss"][-1], "train/kept": current["kept"][-1],
-                       "train/weight_mean": float(weight.mean())}
+            metrics = {
+                "train/loss": current["loss"][-1],
+                "train/kept": current["kept"][-1],
+                "train/weight_mean": float(weight.mean()),
+            }
             self.fabric.log_dict(metrics, step=step)
-            bar.set_postfix({"round": round_index, "loss": f"{sum(current['loss']) / len(current['loss']):.4f}",
-                             "agree": f"{sum(current['agree']) / len(current['agree']):.2f}",
-                             "λ": f"{float(weight.mean()):.3f}"})
+            bar.set_postfix(
+                {
+                    "round": round_index,
+                    "loss": f"{sum(current['loss']) / len(current['loss']):.4f}",
+                    "agree": f"{sum(current['agree']) / len(current['agree']):.2f}",
+                    "λ": f"{float(weight.mean()):.3f}",
+                }
+            )
         close_round()
         self.history = history
         if history["round_loss"]:
-            log.info("SyMerge self-labelling loss: first round %.4f, last round %.4f (%d rounds, %d skipped steps)",
-                     history["round_loss"][0], history["round_loss"][-1], rounds, history["skipped_steps"])
+            log.info(
+                "SyMerge self-labelling loss: first round %.4f, last round %.4f "
+                "(%d rounds, %d skipped steps)",
+                history["round_loss"][0],
+                history["round_loss"][-1],
+                rounds,
+                history["skipped_steps"],
+            )
 
     def _report(self, merged: LayerWiseMergedModel, tasks: List[str]) -> None:
         raw = merged.merge_weight.detach().float().cpu()
@@ -363,13 +431,28 @@ class SyMergeAlgorithm(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorit
         data = {
             "method": "symerge",
             "tasks": tasks,
-            "hyperparameters": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in {
-                "rounds": self.rounds, "batch_size": self.batch_size, "lr": self.lr, "betas": list(self.betas),
-                "weight_decay": self.weight_decay, "init_value": self.init_value,
-                "clamp_weights": self.clamp_weights, "train_heads": self.train_heads, "loss": self.loss,
-                "task_specific_layer": self.task_specific_layer, "seed": self.seed}.items()},
-            "coefficients": {name: dict(zip(tasks, used[:, j].tolist())) for j, name in enumerate(names)},
-            "raw_coefficients": {name: dict(zip(tasks, raw[:, j].tolist())) for j, name in enumerate(names)},
+            "hyperparameters": {
+                k: (list(v) if isinstance(v, (tuple, list)) else v)
+                for k, v in {
+                    "rounds": self.rounds,
+                    "batch_size": self.batch_size,
+                    "lr": self.lr,
+                    "betas": list(self.betas),
+                    "weight_decay": self.weight_decay,
+                    "init_value": self.init_value,
+                    "clamp_weights": self.clamp_weights,
+                    "train_heads": self.train_heads,
+                    "loss": self.loss,
+                    "task_specific_layer": self.task_specific_layer,
+                    "seed": self.seed,
+                }.items()
+            },
+            "coefficients": {
+                name: dict(zip(tasks, used[:, j].tolist())) for j, name in enumerate(names)
+            },
+            "raw_coefficients": {
+                name: dict(zip(tasks, raw[:, j].tolist())) for j, name in enumerate(names)
+            },
             "mean_coefficient_per_task": dict(zip(tasks, used.mean(dim=1).tolist())),
             **self.history,
         }

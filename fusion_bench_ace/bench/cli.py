@@ -1,4 +1,4 @@
-"""``python -m fusion_bench_ace.bench [--quick|--full|--tiny]``: run the benchmark, save the report."""
+"""``python -m fusion_bench_ace.bench [--quick|--full|--tiny]``: run, print and save the report."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .layers import IMPLS, bench_model
 from .memory import memory_curve, memory_worker
 from .report import render
 
+
 def load_settings(path: Optional[str | Path] = None) -> Tuple[Path, dict]:
     """``(settings file, its contents)``; default: ``bench/ace.yaml`` of the package's configs."""
     from omegaconf import OmegaConf
@@ -26,24 +27,41 @@ def load_settings(path: Optional[str | Path] = None) -> Tuple[Path, dict]:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.bench",
-                                     description="Speed and memory benchmark of ACE-Merging")
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_bench_ace.bench",
+        description="Speed and memory benchmark of ACE-Merging",
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                       help="default: ViT-B/32 x 8 all implementations, larger models ours+floor")
-    group.add_argument("--full", dest="mode", action="store_const", const="full",
-                       help="8, 14, 20 tasks everywhere (long)")
-    group.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
-                       help="tiny shapes, for tests")
-    parser.add_argument("--config", default=None,
-                        help="settings file (default: bench/ace.yaml of the package's configs)")
+    group.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="default: ViT-B/32 x 8 all implementations, larger models ours+floor",
+    )
+    group.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="8, 14, 20 tasks everywhere (long)",
+    )
+    group.add_argument(
+        "--tiny", dest="mode", action="store_const", const="tiny", help="tiny shapes, for tests"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="settings file (default: bench/ace.yaml of the package's configs)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: config)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: config)")
     parser.add_argument("--repeats", type=int, default=None, help="override every run's repeats")
     parser.add_argument("--out", default=None, help="output folder (default: config's out)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory-vs-T curve")
-    parser.add_argument("--memory-worker", nargs=3, metavar=("ROOT", "T", "STREAMING"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-worker", nargs=3, metavar=("ROOT", "T", "STREAMING"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     config_path, config = load_settings(args.config)
     settings = {k: config[k] for k in ("eps", "tau", "k_frac", "seed", "threads")}
@@ -63,16 +81,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     argv_used = sys.argv[1:] if argv is None else list(argv)
     header = {
         "mode": mode,
-        **provenance.collect(" ".join(["python -m fusion_bench_ace.bench", *argv_used]).strip(),
-                             str(device)),
+        **provenance.collect(
+            " ".join(["python -m fusion_bench_ace.bench", *argv_used]).strip(), str(device)
+        ),
         "config": str(config_path),
         "threads": settings["threads"],
         "device": str(device),
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         **{k: settings[k] for k in ("eps", "tau", "k_frac")},
     }
-    print(f"ACE benchmark ({mode}) on {header['machine']['cpu']}, threads "
-          f"{settings['threads']}, device {device}, load {header['load_start']}", flush=True)
+    print(
+        f"ACE benchmark ({mode}) on {header['machine']['cpu']}, threads "
+        f"{settings['threads']}, device {device}, load {header['load_start']}",
+        flush=True,
+    )
     runs = []
     with torch.no_grad():
         for run in spec["runs"]:
@@ -82,8 +104,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             shapes = [s for s in config["models"][run["model"]] if s[0] not in excluded]
             label = run["model"] + (f" (without {', '.join(sorted(excluded))})" if excluded else "")
             for num_tasks in run["tasks"]:
-                runs.append(bench_model(label, shapes, num_tasks, impls, repeats, settings,
-                                        device))
+                runs.append(bench_model(label, shapes, num_tasks, impls, repeats, settings, device))
     memory = [] if args.no_memory else memory_curve(spec["memory"], settings)
     header["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report = {"header": header, "runs": runs, "memory": memory, "memory_spec": spec["memory"]}

@@ -121,11 +121,11 @@ def bench_model(model: str, shapes, num_tasks: int, impls: List[str], repeats: i
             branch_het = gamma > tau
             branches["heterogeneous" if branch_het else "homogeneous"] += count
             funcs = {
-                impl: (lambda impl=impl: IMPL_FUNCS[impl](stacked, eps, tau, k_frac))
+                impl: (lambda impl=impl, x=stacked: IMPL_FUNCS[impl](x, eps, tau, k_frac))
                 if impl in IMPL_FUNCS
-                else (lambda impl=impl: _floor(stacked, eps, tau, k_frac,
-                                               wsigma=impl == "floor_wsigma",
-                                               heterogeneous=branch_het))
+                else (lambda impl=impl, x=stacked: _floor(x, eps, tau, k_frac,
+                                                          wsigma=impl == "floor_wsigma",
+                                                          heterogeneous=branch_het))
                 for impl in impls
             }
             times = {impl: [] for impl in impls}
@@ -147,14 +147,22 @@ def bench_model(model: str, shapes, num_tasks: int, impls: List[str], repeats: i
                 if impl in IMPL_FUNCS and impl != "ours":
                     diff = _relative_difference(results[impl], results["ours"])
                     row["rel_diff"] = max(row["rel_diff"], diff)
-                    row["rel_diff_by_shape"][label] = max(row["rel_diff_by_shape"].get(label, 0), diff)
+                    by_shape = row["rel_diff_by_shape"]
+                    by_shape[label] = max(by_shape.get(label, 0), diff)
                 if truth is not None and impl in IMPL_FUNCS:
-                    row["rel_err_f64"] = max(row["rel_err_f64"],
-                                             _relative_difference(results[impl], truth))
-            log(f"  {model} T={num_tasks} {label} {tuple(shape)} "
+                    row["rel_err_f64"] = max(
+                        row["rel_err_f64"], _relative_difference(results[impl], truth)
+                    )
+            log(
+                f"  {model} T={num_tasks} {label} {tuple(shape)} "
                 f"{'het' if branch_het else 'hom'} (gamma={gamma:.3g}): "
-                + ", ".join(f"{i} {statistics.median(times[i]):.3f}s" for i in impls))
+                + ", ".join(f"{i} {statistics.median(times[i]):.3f}s" for i in impls)
+            )
             del stacked, results, truth
-    return {"model": model, "tasks": num_tasks, "impls": per_impl, "branches": branches,
-            "repeats": repeats}
-
+    return {
+        "model": model,
+        "tasks": num_tasks,
+        "impls": per_impl,
+        "branches": branches,
+        "repeats": repeats,
+    }

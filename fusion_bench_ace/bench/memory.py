@@ -63,10 +63,19 @@ def memory_worker(root: str, num_tasks: int, streaming: str, settings: dict) -> 
         seconds = time.perf_counter() - start
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model_bytes = sum(p.numel() * p.element_size() for p in merged.state_dict().values())
-    layer_bytes = num_tasks * max(p.numel() * p.element_size() for p in merged.state_dict().values())
-    return {"layer_task_vectors_bytes": layer_bytes,"tasks": num_tasks, "streaming": streaming, "peak_rss": sampler.peak,
-            "baseline_rss": sampler.start, "ru_maxrss": max_rss, "seconds": seconds,
-            "model_bytes": model_bytes}
+    layer_bytes = num_tasks * max(
+        p.numel() * p.element_size() for p in merged.state_dict().values()
+    )
+    return {
+        "layer_task_vectors_bytes": layer_bytes,
+        "tasks": num_tasks,
+        "streaming": streaming,
+        "peak_rss": sampler.peak,
+        "baseline_rss": sampler.start,
+        "ru_maxrss": max_rss,
+        "seconds": seconds,
+        "model_bytes": model_bytes,
+    }
 
 
 def memory_curve(spec: dict, settings: dict, log=print) -> List[dict]:
@@ -75,17 +84,33 @@ def memory_curve(spec: dict, settings: dict, log=print) -> List[dict]:
         _write_memory_pool(Path(root), max(spec["tasks"]), spec, settings["seed"])
         for num_tasks in spec["tasks"]:
             for streaming in ("true", "false"):
-                command = [sys.executable, "-m", "fusion_bench_ace.bench", "--memory-worker",
-                           root, str(num_tasks), streaming, "--threads", str(settings["threads"])]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "fusion_bench_ace.bench",
+                    "--memory-worker",
+                    root,
+                    str(num_tasks),
+                    streaming,
+                    "--threads",
+                    str(settings["threads"]),
+                ]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
                 # run from the directory holding this package, so the worker imports this copy
-                done = subprocess.run(command, capture_output=True, text=True, env=env,
-                                      cwd=PACKAGE_DIR.parent, timeout=1800)
+                done = subprocess.run(
+                    command,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=PACKAGE_DIR.parent,
+                    timeout=1800,
+                )
                 if done.returncode != 0:
                     raise RuntimeError(f"memory worker failed:\n{done.stderr[-3000:]}")
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                log(f"  memory T={num_tasks} streaming={streaming}: peak RSS "
-                    f"{row['peak_rss'] / 2**20:.0f} MiB ({row['seconds']:.1f}s)")
+                log(
+                    f"  memory T={num_tasks} streaming={streaming}: peak RSS "
+                    f"{row['peak_rss'] / 2**20:.0f} MiB ({row['seconds']:.1f}s)"
+                )
     return rows
-

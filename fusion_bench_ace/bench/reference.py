@@ -39,7 +39,8 @@ def reference_ace_layer(
     k_frac: float = 0.3,
     device: str | torch.device = "cpu",
 ) -> Tensor:
-    """One 2-D layer, reference-style: ``T`` tensors ``(d_out, d_in)`` in, merged task vector out."""
+    """One 2-D layer, reference-style: ``T`` tensors ``(d_out, d_in)`` in, merged task vector
+    out."""
     tvs = [tv.to(device) for tv in task_vectors]
     num_tasks = len(tvs)
     d_in = tvs[0].shape[1]

@@ -43,7 +43,11 @@ def render(report: dict) -> str:
         ours = run["impls"]["ours"]["seconds"]
         for impl, row in run["impls"].items():
             rel = "" if impl in ("ours", "floor", "floor_wsigma") else f"{row['rel_diff']:.2e}"
-            f64 = f"{row['rel_err_f64']:.2e}" if "reference" in run["impls"] and impl in IMPL_FUNCS else ""
+            f64 = (
+                f"{row['rel_err_f64']:.2e}"
+                if "reference" in run["impls"] and impl in IMPL_FUNCS
+                else ""
+            )
             lines.append(
                 f"| {run['model']} | {run['tasks']} | {impl} | {row['seconds']:.2f} | "
                 f"{row['seconds'] / ours:.2f} | {ours / row['seconds']:.2f} | "
@@ -55,21 +59,26 @@ def render(report: dict) -> str:
         ours = impls["ours"]["seconds"]
         parts = [f"{run['model']} T={run['tasks']}:"]
         if "reference" in impls:
-            by_shape = ", ".join(f"{k} {v:.1e}"
-                                 for k, v in impls["reference"]["rel_diff_by_shape"].items())
-            parts.append(f"reference/ours = {impls['reference']['seconds'] / ours:.2f}x "
-                         f"(target >= 2), rel diff {impls['reference']['rel_diff']:.1e} "
-                         f"(target <= 1e-4; by shape: {by_shape}; ours vs float64 "
-                         f"{impls['ours']['rel_err_f64']:.1e}, reference vs float64 "
-                         f"{impls['reference']['rel_err_f64']:.1e});")
+            by_shape = ", ".join(
+                f"{k} {v:.1e}" for k, v in impls["reference"]["rel_diff_by_shape"].items()
+            )
+            parts.append(
+                f"reference/ours = {impls['reference']['seconds'] / ours:.2f}x "
+                f"(target >= 2), rel diff {impls['reference']['rel_diff']:.1e} "
+                f"(target <= 1e-4; by shape: {by_shape}; ours vs float64 "
+                f"{impls['ours']['rel_err_f64']:.1e}, reference vs float64 "
+                f"{impls['reference']['rel_err_f64']:.1e});"
+            )
         if "tsvm" in impls:
             parts.append(f"tsvm/ours = {impls['tsvm']['seconds'] / ours:.2f}x (target > 1);")
         if "floor" in impls:
             parts.append(f"ours/floor = {ours / impls['floor']['seconds']:.2f} (target <= 1.3);")
         if "floor_wsigma" in impls:
             parts.append(f"ours/floor_wsigma = {ours / impls['floor_wsigma']['seconds']:.2f};")
-        parts.append(f"branches: {run['branches']['homogeneous']} hom / "
-                     f"{run['branches']['heterogeneous']} het layer instances")
+        parts.append(
+            f"branches: {run['branches']['homogeneous']} hom / "
+            f"{run['branches']['heterogeneous']} het layer instances"
+        )
         lines.append("- " + " ".join(parts))
     if report.get("memory"):
         spec = report["memory_spec"]
@@ -98,4 +107,3 @@ def render(report: dict) -> str:
                 f"| {row['seconds']:.1f} |"
             )
     return "\n".join(lines) + "\n"
-

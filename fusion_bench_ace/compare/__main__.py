@@ -30,9 +30,13 @@ def main(argv=None) -> int:
     run.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>")
     sweep = sub.add_parser("sweep", help="a Hydra multirun grid of one method: table + heatmap")
     sweep.add_argument("benchmark")
-    sweep.add_argument("--grid", nargs="*", help="key=v1,v2 ... (default: the benchmark's sweep grid)")
+    sweep.add_argument(
+        "--grid", nargs="*", help="key=v1,v2 ... (default: the benchmark's sweep grid)"
+    )
     sweep.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>_sweep")
-    summary = sub.add_parser("summarize-sweep", help="table + heatmap of a multirun you ran yourself")
+    summary = sub.add_parser(
+        "summarize-sweep", help="table + heatmap of a multirun you ran yourself"
+    )
     summary.add_argument("benchmark")
     summary.add_argument("jobs_dir", type=Path, help="the multirun's hydra.sweep.dir")
     summary.add_argument("--params", required=True, help="comma-separated swept override keys")
@@ -63,7 +67,9 @@ def main(argv=None) -> int:
         run_sweep(args.benchmark, _grid(args.grid), out, argv)
         return 0
     run_dir = new_run_dir(args.out)
-    summarize_sweep(args.jobs_dir, load_benchmark(args.benchmark), args.params.split(","), run_dir, argv)
+    summarize_sweep(
+        args.jobs_dir, load_benchmark(args.benchmark), args.params.split(","), run_dir, argv
+    )
     point_latest(args.out, run_dir)
     print((run_dir / "table.md").read_text())
     return 0

@@ -28,7 +28,9 @@ def available_benchmarks() -> List[str]:
 def load_benchmark(name: str) -> dict:
     path = compare_config_dir() / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(available_benchmarks())}")
+        raise ValueError(
+            f"unknown benchmark {name!r}; available: {', '.join(available_benchmarks())}"
+        )
     spec = yaml.safe_load(path.read_text())
     methods = yaml.safe_load((compare_config_dir() / "_methods.yaml").read_text())["methods"]
     spec["methods"] = {**methods, **(spec.get("methods") or {})}
@@ -58,8 +60,14 @@ def paper_rows(spec: dict) -> List[Row]:
     for entry in table["rows"]:
         scores = {t: entry.get("scores", {}).get(t) for t in tasks}
         average = entry.get("average", mean_or_none([scores[t] for t in tasks]))
-        rows.append(Row(name=entry["method"], scores=scores, average=average,
-                        source=entry.get("source", table["source"])))
+        rows.append(
+            Row(
+                name=entry["method"],
+                scores=scores,
+                average=average,
+                source=entry.get("source", table["source"]),
+            )
+        )
     return rows
 
 

@@ -53,7 +53,9 @@ def plot_gamma(data: dict, path: Path, title: str) -> None:
     colours = ["tab:red" if row["heterogeneous"] else "tab:blue" for row in layers]
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(layers) + 3), 3.6))
     ax.bar(range(len(layers)), [row["gamma"] for row in layers], color=colours)
-    ax.axhline(data["tau"], color="black", linestyle="--", linewidth=1, label=f"tau = {data['tau']:g}")
+    ax.axhline(
+        data["tau"], color="black", linestyle="--", linewidth=1, label=f"tau = {data['tau']:g}"
+    )
     ax.bar([], [], color="tab:red", label="heterogeneous (trace-normalised + refinement)")
     ax.bar([], [], color="tab:blue", label="homogeneous")
     ax.set_xlabel("merged matrix (model order)")
@@ -79,8 +81,12 @@ def plot_spectra(data: dict, path: Path, title: str) -> bool:
     for ax, row in zip(axes[0], recorded):
         values = row["singular_values"]
         for key, style in (("preliminary", "-"), ("merged", "--")):
-            ax.semilogy(range(1, len(values[key]) + 1), values[key], style,
-                        label="W_pre" if key == "preliminary" else "final (ACE)")
+            ax.semilogy(
+                range(1, len(values[key]) + 1),
+                values[key],
+                style,
+                label="W_pre" if key == "preliminary" else "final (ACE)",
+            )
         if row["rank_k"]:
             ax.axvline(row["rank_k"], color="grey", linewidth=0.8, label=f"k = {row['rank_k']}")
         branch = "het." if row["heterogeneous"] else "hom."
@@ -95,9 +101,11 @@ def plot_spectra(data: dict, path: Path, title: str) -> bool:
     return True
 
 
-def write_diagnostics(json_path: Path, out_dir: Optional[Path] = None,
-                      title: Optional[str] = None) -> List[Path]:
-    """Write ``gamma.png``, ``spectra.png`` (if recorded) and ``diagnostics.md``; return the paths."""
+def write_diagnostics(
+    json_path: Path, out_dir: Optional[Path] = None, title: Optional[str] = None
+) -> List[Path]:
+    """Write ``gamma.png``, ``spectra.png`` (if recorded) and ``diagnostics.md``; return their
+    paths."""
     json_path = Path(json_path)
     out_dir = Path(out_dir) if out_dir is not None else json_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)

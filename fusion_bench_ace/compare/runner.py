@@ -23,7 +23,6 @@ from .diagnostics import write_diagnostics
 from .runs import RunResult, log_tail, run_fusion_bench, run_method, sweep_jobs
 from .tables import Row, bar_plot, csv_table, heatmap, markdown_table, measured_row
 
-
 # --- output directories ---------------------------------------------------------------------------
 
 
@@ -112,15 +111,18 @@ def run_sweep(
     )
     if completed.returncode != 0:
         log(log_tail(run_dir))
-        raise RuntimeError(f"the sweep failed (exit {completed.returncode}); see {run_dir}/fusion_bench.log")
+        raise RuntimeError(
+            f"the sweep failed (exit {completed.returncode}); see {run_dir}/fusion_bench.log"
+        )
     summarize_sweep(jobs, spec, list(grid), run_dir, argv)
     point_latest(out, run_dir)
     log((run_dir / "table.md").read_text())
     return run_dir
 
 
-def summarize_sweep(jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: Path,
-                    argv: Sequence[str]) -> None:
+def summarize_sweep(
+    jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: Path, argv: Sequence[str]
+) -> None:
     """Table and heatmap of a multirun: one row per job, its parameters and scores."""
     tasks = spec["tasks"]
     rows, values = [], []
@@ -131,7 +133,9 @@ def summarize_sweep(jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: 
         report = json.loads((job / "program_report.json").read_text())
         stats_path = job / "merge_stats.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
-        row = measured_row(", ".join(f"{p}={v}" for p, v in zip(params, point)), report, stats, tasks)
+        row = measured_row(
+            ", ".join(f"{p}={v}" for p, v in zip(params, point)), report, stats, tasks
+        )
         rows.append(row)
         values.append(point)
     if not rows:
@@ -144,10 +148,20 @@ def summarize_sweep(jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: 
         y_values = _ordered({v[yi] for v in values})
         panels: Dict[str, Dict[tuple, float]] = {}
         for point, row in zip(values, rows):
-            rest = ", ".join(f"{params[i]}={point[i]}" for i in range(len(params)) if i not in (xi, yi))
+            rest = ", ".join(
+                f"{params[i]}={point[i]}" for i in range(len(params)) if i not in (xi, yi)
+            )
             panels.setdefault(rest, {})[(point[xi], point[yi])] = row.average
-        heatmap({}, params[xi], x_values, params[yi], y_values, run_dir / "heatmap.png",
-                f"{spec['name']}: average accuracy", panels=panels)
+        heatmap(
+            {},
+            params[xi],
+            x_values,
+            params[yi],
+            y_values,
+            run_dir / "heatmap.png",
+            f"{spec['name']}: average accuracy",
+            panels=panels,
+        )
 
 
 def _ordered(values: Iterable[str]) -> List[str]:
@@ -167,8 +181,14 @@ def _prepare(spec: dict, log) -> None:
         build([spec["track"]])
 
 
-def _write_tables(run_dir: Path, spec: dict, rows: List[Row], argv: Sequence[str],
-                  failures: List[RunResult], title_suffix: str = "") -> None:
+def _write_tables(
+    run_dir: Path,
+    spec: dict,
+    rows: List[Row],
+    argv: Sequence[str],
+    failures: List[RunResult],
+    title_suffix: str = "",
+) -> None:
     tasks = spec["tasks"]
     info = {
         **provenance.collect(" ".join(["python -m fusion_bench_ace.compare", *argv])),
@@ -179,7 +199,9 @@ def _write_tables(run_dir: Path, spec: dict, rows: List[Row], argv: Sequence[str
     (run_dir / "table.csv").write_text(csv_table(rows, tasks))
     measured = [r for r in rows if r.source == "measured"]
     if measured and not title_suffix:
-        bar_plot(rows, tasks, run_dir / "bars.png", f"{spec['name']}: {spec.get('description', '')}")
+        bar_plot(
+            rows, tasks, run_dir / "bars.png", f"{spec['name']}: {spec.get('description', '')}"
+        )
     machine = info["machine"]
     lines = [
         f"# {spec['name']}{title_suffix}: {spec.get('description', '')}",
@@ -189,10 +211,12 @@ def _write_tables(run_dir: Path, spec: dict, rows: List[Row], argv: Sequence[str
         + (" (with uncommitted changes)" if info["git_dirty"] else ""),
         f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory']})"
         + (f", GPU {machine['gpu']}" if machine["gpu"] else ", no GPU"),
-        f"- fusion_bench overrides: `{' '.join(spec['overrides'])}`; per-method overrides in provenance.json",
+        f"- fusion_bench overrides: `{' '.join(spec['overrides'])}`; per-method overrides in "
+        "provenance.json",
         "",
         "Accuracy in %. `individual` = each expert on its own task. `merge s` = wall time of the "
-        "method's `run` (loading the pool + merging); `peak RSS` = the process's peak resident memory.",
+        "method's `run` (loading the pool + merging); `peak RSS` = the process's peak resident "
+        "memory.",
         "",
         markdown_table(rows, tasks),
         "",

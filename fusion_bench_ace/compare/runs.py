@@ -29,7 +29,9 @@ def fusion_bench_executable() -> str:
         return str(beside)
     found = shutil.which("fusion_bench")
     if found is None:
-        raise FileNotFoundError("the fusion_bench command was not found; is fusion-bench installed?")
+        raise FileNotFoundError(
+            "the fusion_bench command was not found; is fusion-bench installed?"
+        )
     return found
 
 
@@ -48,17 +50,31 @@ class RunResult:
 
 
 def run_fusion_bench(
-    overrides: Sequence[str], log_dir: Path, *, env: Optional[Dict[str, str]] = None,
-    multirun: bool = False, timeout: Optional[float] = None,
+    overrides: Sequence[str],
+    log_dir: Path,
+    *,
+    env: Optional[Dict[str, str]] = None,
+    multirun: bool = False,
+    timeout: Optional[float] = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``fusion_bench`` with ``overrides``; stdout and stderr go to ``log_dir/fusion_bench.log``."""
+    """Run ``fusion_bench`` with ``overrides``; stdout and stderr go to
+    ``log_dir/fusion_bench.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    command = [fusion_bench_executable(), *(["-m"] if multirun else []),
-               f"_target_={PROGRAM}", "print_config=false", *overrides]
+    command = [
+        fusion_bench_executable(),
+        *(["-m"] if multirun else []),
+        f"_target_={PROGRAM}",
+        "print_config=false",
+        *overrides,
+    ]
     (log_dir / "command.txt").write_text(" ".join(command) + "\n")
     with open(log_dir / "fusion_bench.log", "w") as log:
         return subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
             env={**os.environ, **OFFLINE_ENV, **(env or {})},
         )
 

@@ -26,7 +26,9 @@ class Row:
     notes: List[str] = field(default_factory=list)
 
 
-def scores_from_report(method: str, report: dict, tasks: Sequence[str]) -> Dict[str, Optional[float]]:
+def scores_from_report(
+    method: str, report: dict, tasks: Sequence[str]
+) -> Dict[str, Optional[float]]:
     """Per-task accuracy in percent; for ``individual`` the diagonal (expert t on task t)."""
     scores = {}
     for task in tasks:
@@ -42,18 +44,27 @@ def mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
     return sum(values) / len(values)
 
 
-def measured_row(method: str, report: dict, merge_stats: Optional[dict], tasks: Sequence[str]) -> Row:
+def measured_row(
+    method: str, report: dict, merge_stats: Optional[dict], tasks: Sequence[str]
+) -> Row:
     scores = scores_from_report(method, report, tasks)
     stats = merge_stats or {}
     return Row(
-        name=method, scores=scores, average=mean_or_none([scores[t] for t in tasks]),
-        merge_seconds=stats.get("merge_seconds"), peak_rss_mib=stats.get("peak_rss_mib"),
+        name=method,
+        scores=scores,
+        average=mean_or_none([scores[t] for t in tasks]),
+        merge_seconds=stats.get("merge_seconds"),
+        peak_rss_mib=stats.get("peak_rss_mib"),
         peak_cuda_mib=stats.get("peak_cuda_mib"),
     )
 
 
 def _fmt(value: Optional[float], digits: int = 1) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.{digits}f}"
+    )
 
 
 def markdown_table(rows: Sequence[Row], tasks: Sequence[str], *, with_cost: bool = True) -> str:
@@ -73,16 +84,21 @@ def markdown_table(rows: Sequence[Row], tasks: Sequence[str], *, with_cost: bool
 def csv_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "source", *tasks, "average", "merge_seconds", "peak_rss_mib",
-                     "peak_cuda_mib"])
+    writer.writerow(
+        ["method", "source", *tasks, "average", "merge_seconds", "peak_rss_mib", "peak_cuda_mib"]
+    )
     for row in rows:
-        writer.writerow([
-            row.name, row.source, *("" if row.scores.get(t) is None else f"{row.scores[t]:.4f}" for t in tasks),
-            "" if row.average is None else f"{row.average:.4f}",
-            "" if row.merge_seconds is None else f"{row.merge_seconds:.3f}",
-            "" if row.peak_rss_mib is None else f"{row.peak_rss_mib:.1f}",
-            "" if row.peak_cuda_mib is None else f"{row.peak_cuda_mib:.1f}",
-        ])
+        writer.writerow(
+            [
+                row.name,
+                row.source,
+                *("" if row.scores.get(t) is None else f"{row.scores[t]:.4f}" for t in tasks),
+                "" if row.average is None else f"{row.average:.4f}",
+                "" if row.merge_seconds is None else f"{row.merge_seconds:.3f}",
+                "" if row.peak_rss_mib is None else f"{row.peak_rss_mib:.1f}",
+                "" if row.peak_cuda_mib is None else f"{row.peak_cuda_mib:.1f}",
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -106,15 +122,23 @@ def bar_plot(rows: Sequence[Row], tasks: Sequence[str], path: Path, title: str) 
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(4, len(measured)), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    ax.legend(
+        fontsize=8, ncol=min(4, len(measured)), loc="upper center", bbox_to_anchor=(0.5, -0.22)
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def heatmap(
-    grid: Dict[tuple, float], x_name: str, x_values: Sequence, y_name: str, y_values: Sequence,
-    path: Path, title: str, panels: Optional[Dict[str, Dict[tuple, float]]] = None,
+    grid: Dict[tuple, float],
+    x_name: str,
+    x_values: Sequence,
+    y_name: str,
+    y_values: Sequence,
+    path: Path,
+    title: str,
+    panels: Optional[Dict[str, Dict[tuple, float]]] = None,
 ) -> None:
     """Average accuracy over two swept parameters; one panel per value of any third parameter."""
     import matplotlib
@@ -128,7 +152,9 @@ def heatmap(
     finite = [v for p in panels.values() for v in p.values() if v is not None]
     vmin, vmax = (min(finite), max(finite)) if finite else (0, 100)
     for ax, (label, cells) in zip(axes[0], panels.items()):
-        data = np.array([[cells.get((x, y), np.nan) for x in x_values] for y in y_values], dtype=float)
+        data = np.array(
+            [[cells.get((x, y), np.nan) for x in x_values] for y in y_values], dtype=float
+        )
         image = ax.imshow(data, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(x_values)))
         ax.set_xticklabels([str(v) for v in x_values], rotation=30)
@@ -140,8 +166,15 @@ def heatmap(
         for yi in range(len(y_values)):
             for xi in range(len(x_values)):
                 if not np.isnan(data[yi, xi]):
-                    ax.text(xi, yi, f"{data[yi, xi]:.1f}", ha="center", va="center", fontsize=7,
-                            color="white")
+                    ax.text(
+                        xi,
+                        yi,
+                        f"{data[yi, xi]:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white",
+                    )
     fig.colorbar(image, ax=axes[0].tolist(), label="average accuracy (%)")
     if len(panels) > 1:
         fig.suptitle(title)

@@ -25,7 +25,7 @@ def is_saved_to_disk(path: str) -> bool:
 
 
 def load_hf_dataset(path: str, split: Optional[str] = None, name: Optional[str] = None, **kwargs):
-    """``datasets.load_dataset(path, name, split=split)``, or ``load_from_disk`` for a saved copy."""
+    """``datasets.load_dataset(path, name, split=split)``, or ``load_from_disk`` of a saved copy."""
     import datasets
 
     if os.path.isdir(path):
@@ -43,10 +43,13 @@ def load_hf_dataset(path: str, split: Optional[str] = None, name: Optional[str] 
 
 
 def load_fer2013(path: str = "clip-benchmark/wds_fer2013", split: str = "test"):
-    """FusionBench's FER2013 (``fusion_bench.dataset.fer2013.load_fer2013``) from a hub id or local copy."""
+    """FusionBench's FER2013 (``fusion_bench.dataset.fer2013.load_fer2013``) from a hub id or a
+    local copy."""
     dataset = load_hf_dataset(path, split=split)
     drop = [c for c in ("__key__", "__url__") if c in dataset.column_names]
     if drop:
         dataset = dataset.remove_columns(drop)
-    renames = {k: v for k, v in {"jpg": "image", "cls": "label"}.items() if k in dataset.column_names}
+    renames = {
+        k: v for k, v in {"jpg": "image", "cls": "label"}.items() if k in dataset.column_names
+    }
     return dataset.rename_columns(renames) if renames else dataset

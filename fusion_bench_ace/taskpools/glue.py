@@ -133,24 +133,30 @@ def load_gpt2_glue(name: str, split: Optional[str] = None, path: str = GLUE_PATH
                    tokenizer: str = "openai-community/gpt2"):
     """A GLUE split tokenized as FusionBench's GPT-2 benchmark (``fusion_bench.dataset.gpt2_glue``).
 
-    Same tokenizer set-up (``load_gpt2_tokenizer``: pad = unk, ``model_max_length`` 512) and the same
-    tokenize functions (pad to max length, truncate), so the numbers are comparable with FusionBench's
-    GPT-2 table; only the source (``path``) is configurable.
+    Same tokenizer set-up (``load_gpt2_tokenizer``: pad = unk, ``model_max_length`` 512) and the
+    same tokenize functions (pad to max length, truncate), so the numbers are comparable with
+    FusionBench's GPT-2 table; only the source (``path``) is configurable.
     """
     from fusion_bench.dataset import gpt2_glue as fb
 
     functions = {
-        "cola": fb.cola_tokenize_function, "sst2": fb.cola_tokenize_function,
-        "mrpc": fb.mrpc_tokenize_function, "rte": fb.mrpc_tokenize_function,
-        "mnli": fb.mnli_tokenize_function, "qnli": fb.qnli_tokenize_function,
+        "cola": fb.cola_tokenize_function,
+        "sst2": fb.cola_tokenize_function,
+        "mrpc": fb.mrpc_tokenize_function,
+        "rte": fb.mrpc_tokenize_function,
+        "mnli": fb.mnli_tokenize_function,
+        "qnli": fb.qnli_tokenize_function,
         "qqp": fb.qqp_tokenize_function,
     }
     if name not in functions:
         raise KeyError(f"FusionBench's GPT-2 GLUE covers {sorted(functions)}, not {name!r}")
     dataset = load_glue_split(name, split, path)
     columns = [c for c in glue_task(name).text_keys if c is not None]
-    return dataset.map(functools.partial(functions[name], tokenizer=_gpt2_tokenizer(tokenizer)),
-                       batched=True, remove_columns=columns)
+    return dataset.map(
+        functools.partial(functions[name], tokenizer=_gpt2_tokenizer(tokenizer)),
+        batched=True,
+        remove_columns=columns,
+    )
 
 
 def tokenize_glue(dataset, task: str, tokenizer, max_length: Optional[int] = None):
@@ -162,12 +168,14 @@ def tokenize_glue(dataset, task: str, tokenizer, max_length: Optional[int] = Non
         return tokenizer(*texts, truncation=True, max_length=max_length)
 
     keep = {"label"}
-    encoded = dataset.map(encode, batched=True,
-                          remove_columns=[c for c in dataset.column_names if c not in keep])
+    encoded = dataset.map(
+        encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep]
+    )
     return encoded.rename_column("label", "labels")
 
 
 # --- the task pool --------------------------------------------------------------------------------
+
 
 class GLUESequenceClassificationTaskPool(BaseTaskPool, LightningFabricMixin):
     """Evaluate a backbone on GLUE tasks, each with that task's fine-tuned classification head.
@@ -177,7 +185,8 @@ class GLUESequenceClassificationTaskPool(BaseTaskPool, LightningFabricMixin):
             (instantiated; raw GLUE columns ``sentence``/``premise``/... and ``label``).
         tokenizer: name or path for ``AutoTokenizer.from_pretrained``, or a config to instantiate.
         classifiers: optional task -> checkpoint (name/path or config) holding the task's head;
-            by default the model pool's entry of the same name (its ``pretrained_model_name_or_path``).
+            by default the model pool's entry of the same name (its
+            ``pretrained_model_name_or_path``).
         classifier_loader: how a checkpoint name/path is loaded.
         max_length: truncation length of the tokenized inputs (batches are padded dynamically).
         dataloader_kwargs: passed to ``torch.utils.data.DataLoader``.
@@ -235,20 +244,25 @@ class GLUESequenceClassificationTaskPool(BaseTaskPool, LightningFabricMixin):
             return self._classifiers[name]
         modelpool = getattr(self._program, "modelpool", None)
         if modelpool is None or name not in modelpool.model_names:
-            raise ValueError(f"no classifier for task {name!r}: not in `classifiers` nor in the model pool")
+            raise ValueError(
+                f"no classifier for task {name!r}: not in `classifiers` nor in the model pool"
+            )
         config = modelpool.get_model_config(name)
         if isinstance(config, str):
             return config
         path = config.get("pretrained_model_name_or_path")
         if path is None:
-            raise ValueError(f"the model pool's entry {name!r} names no pretrained_model_name_or_path")
+            raise ValueError(
+                f"the model pool's entry {name!r} names no pretrained_model_name_or_path"
+            )
         return str(path)
 
     def load_classifier(self, name: str):
         source = self.classifier_source(name)
         if isinstance(source, str):
-            return instantiate({"_target_": self.classifier_loader,
-                                "pretrained_model_name_or_path": source})
+            return instantiate(
+                {"_target_": self.classifier_loader, "pretrained_model_name_or_path": source}
+            )
         return instantiate(source)
 
     def get_classifier(self, name: str, backbone: torch.nn.Module) -> torch.nn.Module:
@@ -257,19 +271,25 @@ class GLUESequenceClassificationTaskPool(BaseTaskPool, LightningFabricMixin):
         prefix = classifier.base_model_prefix
         own = getattr(classifier, prefix)
         if not isinstance(backbone, type(own)):
-            raise TypeError(f"task {name!r}: the classifier's backbone is {type(own).__name__}, "
-                            f"the model to evaluate a {type(backbone).__name__}")
+            raise TypeError(
+                f"task {name!r}: the classifier's backbone is {type(own).__name__}, "
+                f"the model to evaluate a {type(backbone).__name__}"
+            )
         setattr(classifier, prefix, backbone)
         expected = glue_task(name).num_labels
         if classifier.num_labels != expected:
-            raise ValueError(f"task {name!r}: the classifier has {classifier.num_labels} labels, "
-                             f"GLUE {name} needs {expected}")
+            raise ValueError(
+                f"task {name!r}: the classifier has {classifier.num_labels} labels, "
+                f"GLUE {name} needs {expected}"
+            )
         return classifier
 
     def _tokenized(self, name: str):
         if name not in self._tokenized_cache:
             dataset = instantiate(self._test_datasets[name])
-            self._tokenized_cache[name] = tokenize_glue(dataset, name, self.tokenizer, self.max_length)
+            self._tokenized_cache[name] = tokenize_glue(
+                dataset, name, self.tokenizer, self.max_length
+            )
         return self._tokenized_cache[name]
 
     def get_test_dataloader(self, name: str):
@@ -277,8 +297,9 @@ class GLUESequenceClassificationTaskPool(BaseTaskPool, LightningFabricMixin):
         from transformers import DataCollatorWithPadding
 
         kwargs = {"batch_size": 32, "shuffle": False, **self.dataloader_kwargs}
-        loader = DataLoader(self._tokenized(name), collate_fn=DataCollatorWithPadding(self.tokenizer),
-                            **kwargs)
+        loader = DataLoader(
+            self._tokenized(name), collate_fn=DataCollatorWithPadding(self.tokenizer), **kwargs
+        )
         return self.fabric.setup_dataloaders(loader)
 
     @torch.no_grad()

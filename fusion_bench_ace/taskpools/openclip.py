@@ -11,8 +11,8 @@ task-vectors / TSV-M checkpoints here:
    falls back to ``pickle.load`` only on ``RuntimeError``; torch >= 2.6 raises ``UnpicklingError``
    for a pickled module, and ``pickle.load`` cannot read torch's zip format anyway. Our subclass
    loads the two pickled forms (a path string; ``{model_name, pickle_path}``) with
-   ``weights_only=False`` - these checkpoints are full pickled modules by design, as the task-vectors
-   code wrote them; only load files you trust - and otherwise defers to FusionBench.
+   ``weights_only=False`` - these checkpoints are full pickled modules by design, as the
+   task-vectors code wrote them; only load files you trust - and otherwise defers to FusionBench.
 
 Our ``ace_paper/openclip_*`` configs name these classes as their ``_target_``.
 """
@@ -40,7 +40,7 @@ __all__ = ["OpenCLIPVisionModelPool", "OpenCLIPVisionModelTaskPool", "load_pickl
 
 
 def load_pickled(path: str):
-    """A torch-saved (pickled) module or state dict, with the task-vectors ``src.*`` names redirected."""
+    """A torch-saved (pickled) module or state dict; the task-vectors ``src.*`` names redirected."""
     _fb._check_and_redirect_open_clip_modeling()
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -58,10 +58,14 @@ class OpenCLIPVisionModelPool(_fb.OpenCLIPVisionModelPool):
             log.info("loading ImageEncoder from %s", config)
             encoder = load_pickled(config)
         elif isinstance(config, dict) and set(config) == {"model_name", "pickle_path"}:
-            log.info("loading ImageEncoder of %s from %s", config["model_name"], config["pickle_path"])
+            log.info(
+                "loading ImageEncoder of %s from %s", config["model_name"], config["pickle_path"]
+            )
             loaded = load_pickled(config["pickle_path"])
             encoder = _fb.ImageEncoder(config["model_name"])
-            encoder.load_state_dict(loaded.state_dict() if isinstance(loaded, torch.nn.Module) else loaded)
+            encoder.load_state_dict(
+                loaded.state_dict() if isinstance(loaded, torch.nn.Module) else loaded
+            )
         else:
             return super().load_model(model_name_or_config, *args, **kwargs)
         if self._train_processor is None and hasattr(encoder, "train_preprocess"):

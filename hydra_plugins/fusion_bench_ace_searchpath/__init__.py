@@ -1,9 +1,9 @@
 """Hydra search-path plugin: makes ``method=ace`` (and our pools) visible to ``fusion_bench``.
 
 Hydra discovers plugins in the ``hydra_plugins`` namespace package of every installed
-distribution. This one appends our config directory (:func:`fusion_bench_ace.paths.config_dir`) after
-FusionBench's, so FusionBench's own configs win on equal names. Imports go one way: this plugin
-imports the package, never the reverse.
+distribution. This one appends our config directory (:func:`fusion_bench_ace.paths.config_dir`)
+after FusionBench's, so FusionBench's own configs win on equal names. Imports go one way: this
+plugin imports the package, never the reverse.
 
 It also repairs one FusionBench quirk: ``fusion_bench`` takes ``$CWD/config`` as its primary config
 directory whenever one exists (our repository root has one), and then cannot find its own
@@ -26,7 +26,7 @@ def _primary_dir(search_path: ConfigSearchPath) -> str | None:
     for element in search_path.get_path():
         if element.provider == "main" and element.path is not None:
             path = element.path
-            return path[len("file://"):] if path.startswith("file://") else path
+            return path[len("file://") :] if path.startswith("file://") else path
     return None
 
 
@@ -53,7 +53,8 @@ HF_ROOT_ENV = "FUSION_BENCH_ACE_HF_ROOT"
 
 
 def _hf_repo(repo_id: str) -> str:
-    """``${ace_hf:<owner>/<name>}``: a local copy of a Hugging Face repo if there is one, else the id.
+    """``${ace_hf:<owner>/<name>}``: a local copy of a Hugging Face repo if there is one, else
+    the id.
 
     With ``FUSION_BENCH_ACE_HF_ROOT=/data/hf`` a config naming ``openai/clip-vit-base-patch32``
     loads ``/data/hf/openai/clip-vit-base-patch32`` when that directory exists; otherwise the id is
