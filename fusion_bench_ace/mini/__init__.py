@@ -15,6 +15,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -26,9 +30,12 @@ from .cache import (
     SIZES,
     build_atomically,
     cache_root,
+    content_hash,
     default_size,
     is_built,
+    seed_override,
 )
+from .determinism import PINNED_INSTRUCTION_SETS
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class Track:
 
 
 TRACKS: Dict[str, Track] = {
-    "clip": Track("fusion_bench_ace.mini.clip", 1, "CLIP ViT image classification (8 tasks)"),
+    "clip": Track("fusion_bench_ace.mini.clip", 2, "CLIP ViT image classification (8 tasks)"),
     "gpt2": Track("fusion_bench_ace.mini.gpt2", 1, "GPT-2 text classification (GLUE-like tasks)"),
 }
 
@@ -50,7 +57,8 @@ class NotBuiltError(FileNotFoundError):
 
 
 def settings(track: str, size: Optional[str] = None) -> dict:
-    """The build settings of ``track`` at ``size`` (``full``/``reduced``), from config/mini/."""
+    """The build settings of ``track`` at ``size`` (``full``/``reduced``), from config/mini/;
+    the seed is ``$FUSION_BENCH_ACE_MINI_SEED`` when set."""
     _check_track(track)
     size = size or default_size()
     if size not in SIZES:
@@ -58,7 +66,8 @@ def settings(track: str, size: Optional[str] = None) -> dict:
     import yaml
 
     data = yaml.safe_load((config_dir() / "mini" / f"{track}.yaml").read_text())
-    return {"seed": data["seed"], **data[size]}
+    seed = seed_override()
+    return {"seed": data["seed"] if seed is None else seed, **data[size]}
 
 
 def track_dir(track: str, size: Optional[str] = None) -> Path:
@@ -89,24 +98,65 @@ def build(
     *,
     force: bool = False,
     progress: bool = True,
+    jobs: Optional[int] = None,
 ) -> List[Path]:
-    """Build the given tracks (default: all) unless already built; return their directories."""
+    """Build the given tracks (default: all) unless already built; return their directories.
+
+    Each track is built in a child process whose environment pins the instruction sets
+    (:data:`~fusion_bench_ace.mini.determinism.PINNED_INSTRUCTION_SETS`) and which trains on one
+    thread, so the bytes do not depend on the machine; up to ``jobs`` tracks (default: one per
+    CPU core) build at once. The manifest records a content hash of what was built.
+    """
     size = size or default_size()
-    built = []
-    for name in tracks or TRACKS:
+    names = list(tracks or TRACKS)
+    for name in names:
         _check_track(name)
-        module = importlib.import_module(TRACKS[name].module)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(names)))
+
+    def build_one(name: str) -> Path:
         config = settings(name, size)
         directory = track_dir(name, size)
-        print(f"[fusion_bench_ace.mini] track '{name}' ({size}) -> {directory}")
 
-        def run(out_dir: Path, module=module, config=config, name=name) -> dict:
-            extra = module.build(out_dir, config, progress=progress)
+        def run(out_dir: Path) -> dict:
+            print(f"[fusion_bench_ace.mini] building track '{name}' ({size}) -> {directory}")
+            extra = build_in_child(name, size, out_dir, progress)
             return {"track": name, "size": size, "version": TRACKS[name].version,
-                    "settings": config, **extra}
+                    "settings": config, **extra, "content_hash": content_hash(out_dir)}
 
-        built.append(build_atomically(directory, run, force=force))
-    return built
+        return build_atomically(directory, run, force=force)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each thread waits on a child process
+        return list(pool.map(build_one, names))
+
+
+def build_in_child(track: str, size: str, out_dir: Path, progress: bool) -> dict:
+    """Run ``TRACKS[track]``'s builder in a fresh interpreter with the pinned instruction sets;
+    return what it reports for the manifest."""
+    report = out_dir / ".build_report.json"
+    command = [sys.executable, "-m", "fusion_bench_ace.mini", "build-here", "--track", track,
+               "--size", size, "--out", str(out_dir), "--report", str(report)]
+    if not progress:
+        command.append("--quiet")
+    env = {**os.environ, **PINNED_INSTRUCTION_SETS, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    completed = subprocess.run(command, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"building track '{track}' ({size}) failed (exit {completed.returncode})")
+    extra = json.loads(report.read_text())
+    report.unlink()
+    return extra
+
+
+def build_here(track: str, size: str, out_dir: Path, progress: bool) -> dict:
+    """The track's builder in this process (what :func:`build_in_child` runs)."""
+    module = importlib.import_module(TRACKS[track].module)
+    return module.build(Path(out_dir), settings(track, size), progress=progress)
+
+
+def load_for_stats(track: str, size: Optional[str] = None):
+    """The built ``track`` as :class:`fusion_bench_ace.mini.stats.TrackModels`."""
+    module = importlib.import_module(TRACKS[track].module)
+    return module.load_for_stats(Path(track_path(track, size=size)))
 
 
 def _check_track(track: str) -> None:

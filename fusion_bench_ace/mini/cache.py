@@ -15,6 +15,7 @@ that looks finished; leftovers are removed by the next build. Standard library o
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,8 @@ from typing import Callable, Iterator
 CACHE_ENV = "FUSION_BENCH_ACE_CACHE"
 SIZE_ENV = "FUSION_BENCH_ACE_MINI_SIZE"
 SIZES = ("full", "reduced")
+SEED_ENV = "FUSION_BENCH_ACE_MINI_SEED"
+"""Builds a track from another seed than its config's (for the spread across seeds)."""
 MANIFEST = "manifest.json"
 BUILD_COMMAND = "python -m fusion_bench_ace.mini build"
 
@@ -45,12 +48,42 @@ def default_size() -> str:
     return size
 
 
+def seed_override() -> int | None:
+    seed = os.environ.get(SEED_ENV)
+    if seed is None or seed == "":
+        return None
+    try:
+        return int(seed)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={seed!r}: expected an integer") from None
+
+
 def is_built(directory: Path) -> bool:
     return (directory / MANIFEST).is_file()
 
 
 def read_manifest(directory: Path) -> dict:
     return json.loads((directory / MANIFEST).read_text())
+
+
+NOT_CONTENT = (MANIFEST, "regime.json", "regime.md", ".build_report.json")
+"""Files of a track directory that describe it rather than being it."""
+
+
+def content_hash(directory: Path) -> str:
+    """SHA-256 over every file of a built track (relative path and bytes), but the manifest and
+    reports: two builds are the same track exactly when their hashes are equal."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if relative in NOT_CONTENT:
+            continue
+        digest.update(relative.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .determinism import deterministic_torch, stage_seed
 from .vision_tasks import DigitSource, draw_captioned, draw_split, vision_tasks
 
 TASK_ORDER = ("shapes", "colors", "position", "sizes", "counting", "orientation", "textures", "digits")
@@ -169,7 +170,7 @@ def zero_shot_head(model, tokenizer, classnames, templates, max_length: int) -> 
 # --- training -------------------------------------------------------------------------------------
 
 
-def pretrain(model, tokenizer, settings: dict, progress: bool) -> List[float]:
+def pretrain(model, tokenizer, digits: DigitSource, settings: dict, progress: bool) -> List[float]:
     """Contrastive pretraining on the captioned mix; identical captions count as positives."""
     p, size = settings["pretrain"], settings["image_size"]
     rng = np.random.default_rng([settings["seed"], 99])
@@ -180,7 +181,7 @@ def pretrain(model, tokenizer, settings: dict, progress: bool) -> List[float]:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = p["lr"] * _cosine_schedule(step, p["steps"], p["warmup"])
-        batch = [draw_captioned(rng, size) for _ in range(p["batch_size"])]
+        batch = [draw_captioned(rng, size, digits, p["mix"]) for _ in range(p["batch_size"])]
         pixels = to_pixels(np.stack([b[0] for b in batch]))
         captions = [b[1] for b in batch]
         tokens = _tokenize(tokenizer, captions, settings["text"]["max_length"])
@@ -203,7 +204,11 @@ def pretrain(model, tokenizer, settings: dict, progress: bool) -> List[float]:
 
 
 def finetune_expert(vision_model, projection, head, logit_scale, data, settings, task, progress):
-    """Fine-tune a copy of the vision tower against the frozen zero-shot head of ``task``."""
+    """Fine-tune a copy of the vision tower against the frozen zero-shot head of ``task``.
+
+    The task-arithmetic recipe: AdamW with weight decay, warm-up then cosine decay, gradient
+    norm clipped, a few hundred small batches.
+    """
     f = settings["finetune"]
     images, labels = data
     expert = deepcopy(vision_model).train()
@@ -221,6 +226,7 @@ def finetune_expert(vision_model, projection, head, logit_scale, data, settings,
         loss = F.cross_entropy(logits, targets[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(expert.parameters(), f["max_grad_norm"])
         optimizer.step()
         losses.append(loss.item())
         if step % 20 == 0:
@@ -249,25 +255,29 @@ def average_of(models) -> torch.nn.Module:
 # --- the build ------------------------------------------------------------------------------------
 
 
-def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPVisionModel
+SPLITS = ("train", "validation", "test")
+"""Drawn per task: ``train`` fine-tunes the expert; ``validation`` (for choosing hyper-parameters
+such as Task Arithmetic's λ) and ``test`` are saved with the track."""
 
-    out_dir = Path(out_dir)
-    seed, size = settings["seed"], settings["image_size"]
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    tasks = vision_tasks()
-    digits = DigitSource(seed)
 
-    splits = {}
-    for task in tqdm(TASK_ORDER, desc="drawing task data", disable=not progress):
-        splits[task] = {
-            "train": draw_split(task, settings["train_per_task"], size, seed, "train", digits),
-            "test": draw_split(task, settings["test_per_task"], size, seed, "test", digits),
-        }
+def draw_task_data(settings: dict, digits: DigitSource, progress: bool) -> dict:
+    size, seed = settings["image_size"], settings["seed"]
+    counts = {split: settings[f"{split}_per_task"] for split in SPLITS}
+    return {
+        task: {split: draw_split(task, counts[split], size, seed, split, digits)
+               for split in SPLITS}
+        for task in tqdm(TASK_ORDER, desc="drawing task data", disable=not progress)
+    }
 
-    caption_rng = np.random.default_rng([seed, 7])
-    corpus = [draw_captioned(caption_rng, size)[1] for _ in range(2000)]
+
+def pretrained_clip(settings: dict, digits: DigitSource, progress: bool):
+    """A CLIP and its processor, the tokenizer trained on the mix's captions and the prompts."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    size, tasks = settings["image_size"], vision_tasks()
+    caption_rng = np.random.default_rng([settings["seed"], 7])
+    corpus = [draw_captioned(caption_rng, size, digits, settings["pretrain"]["mix"])[1]
+              for _ in range(2000)]
     prompts = [t.format(c) for spec in tasks.values() for c in spec.classnames for t in spec.templates]
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = make_clip_tokenizer(corpus + prompts, Path(scratch), settings["text"]["vocab_size"])
@@ -277,40 +287,63 @@ def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
         do_normalize=True, image_mean=IMAGE_MEAN, image_std=IMAGE_STD, do_convert_rgb=True,
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
+    torch.manual_seed(stage_seed(settings["seed"], "pretrain/init"))
     model = make_clip(settings, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
-    pretrain_losses = pretrain(model, tokenizer, settings, progress)
-    model.save_pretrained(out_dir / "clip")
-    processor.save_pretrained(out_dir / "clip")
+    losses = pretrain(model, tokenizer, digits, settings, progress)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, processor, losses
+
+
+def task_heads(model, tokenizer, settings: dict) -> Dict[str, torch.Tensor]:
+    tasks, max_length = vision_tasks(), settings["text"]["max_length"]
+    return {t: zero_shot_head(model, tokenizer, tasks[t].classnames, tasks[t].templates, max_length)
+            for t in TASK_ORDER}
+
+
+def vision_tower(model):
+    """The pretrained ``CLIPVisionModel`` (the part FusionBench's CLIP pools merge)."""
+    from transformers import CLIPVisionModel
 
     vision = CLIPVisionModel(model.config.vision_config)
     vision.vision_model.load_state_dict(model.vision_model.state_dict())
-    vision.eval().save_pretrained(out_dir / "pretrained")
+    return vision.eval()
 
-    projection, logit_scale = model.visual_projection, model.logit_scale.exp().item()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    max_length = settings["text"]["max_length"]
-    heads = {t: zero_shot_head(model, tokenizer, tasks[t].classnames, tasks[t].templates, max_length)
-             for t in TASK_ORDER}
 
-    experts = {}
-    for task in TASK_ORDER:
-        experts[task] = finetune_expert(vision, projection, heads[task], logit_scale,
-                                        splits[task]["train"], settings, task, progress)
-        experts[task].save_pretrained(out_dir / "experts" / task)
+def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    with deterministic_torch(settings["num_threads"]):
+        digits = DigitSource(settings["seed"])
+        splits = draw_task_data(settings, digits, progress)
+        model, processor, pretrain_losses = pretrained_clip(settings, digits, progress)
+        model.save_pretrained(out_dir / "clip")
+        processor.save_pretrained(out_dir / "clip")
+        vision = vision_tower(model)
+        vision.save_pretrained(out_dir / "pretrained")
 
-    averaged = average_of([experts[t] for t in TASK_ORDER])
-    metrics = {name: {} for name in ("pretrained", "expert", "simple_average")}
-    for task in TASK_ORDER:
-        test = splits[task]["test"]
-        metrics["pretrained"][task] = accuracy(vision, projection, heads[task], logit_scale, test)
-        metrics["expert"][task] = accuracy(experts[task], projection, heads[task], logit_scale, test)
-        metrics["simple_average"][task] = accuracy(averaged, projection, heads[task], logit_scale, test)
+        projection, logit_scale = model.visual_projection, model.logit_scale.exp().item()
+        heads = task_heads(model, processor.tokenizer, settings)
+        experts = {}
+        for task in TASK_ORDER:
+            torch.manual_seed(stage_seed(settings["seed"], f"finetune/{task}"))
+            experts[task] = finetune_expert(vision, projection, heads[task], logit_scale,
+                                            splits[task]["train"], settings, task, progress)
+            experts[task].save_pretrained(out_dir / "experts" / task)
+
+        averaged = average_of([experts[t] for t in TASK_ORDER])
+        metrics = {name: {} for name in ("pretrained", "expert", "simple_average")}
+        for task in TASK_ORDER:
+            test = splits[task]["test"]
+            metrics["pretrained"][task] = accuracy(vision, projection, heads[task], logit_scale, test)
+            metrics["expert"][task] = accuracy(experts[task], projection, heads[task], logit_scale,
+                                               test)
+            metrics["simple_average"][task] = accuracy(averaged, projection, heads[task],
+                                                       logit_scale, test)
     for row in metrics.values():
         row["average"] = float(np.mean([row[t] for t in TASK_ORDER]))
 
-    _save_test_sets(out_dir, splits, tasks)
+    _save_task_sets(out_dir, splits)
+    tasks = vision_tasks()
     (out_dir / "tasks.json").write_text(json.dumps(
         {t: {"classnames": list(tasks[t].classnames), "templates": list(tasks[t].templates)}
          for t in TASK_ORDER}, indent=1))
@@ -324,19 +357,23 @@ def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
     }
 
 
-def _save_test_sets(out_dir: Path, splits, tasks) -> None:
+def _save_task_sets(out_dir: Path, splits) -> None:
+    """``data/<task>`` (the test split, what the task pool evaluates) and
+    ``validation/<task>``, as ``datasets`` on disk with ``image`` and ``label`` columns."""
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
     from PIL import Image
 
+    tasks = vision_tasks()
     for task in TASK_ORDER:
-        images, labels = splits[task]["test"]
         features = Features({"image": ImageFeature(),
                              "label": ClassLabel(names=list(tasks[task].classnames))})
-        Dataset.from_dict(
-            {"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
-            features=features,
-        ).save_to_disk(str(out_dir / "data" / task))
+        for split, directory in (("test", "data"), ("validation", "validation")):
+            images, labels = splits[task][split]
+            Dataset.from_dict(
+                {"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
+                features=features,
+            ).save_to_disk(str(out_dir / directory / task))
 
 
 def _metrics_table(metrics: Dict[str, Dict[str, float]]) -> str:
@@ -346,3 +383,47 @@ def _metrics_table(metrics: Dict[str, Dict[str, float]]) -> str:
         cells = " | ".join(f"{100 * row[t]:.1f}" for t in TASK_ORDER)
         lines.append(f"| {name} | {cells} | {100 * row['average']:.1f} |")
     return "\n".join(lines)
+
+
+# --- regime statistics ----------------------------------------------------------------------------
+
+
+def load_for_stats(directory: Path):
+    """The built track as :class:`fusion_bench_ace.mini.stats.TrackModels`: vision towers and the
+    zero-shot heads, evaluated on the test split as FusionBench's CLIP task pool does."""
+    import datasets
+    from transformers import CLIPModel, CLIPProcessor, CLIPVisionModel
+
+    from .stats import TrackModels
+
+    directory = Path(directory)
+    model = CLIPModel.from_pretrained(directory / "clip").eval()
+    tokenizer = CLIPProcessor.from_pretrained(directory / "clip").tokenizer
+    described = json.loads((directory / "tasks.json").read_text())
+    max_length = model.config.text_config.max_position_embeddings
+    heads = {t: zero_shot_head(model, tokenizer, d["classnames"], d["templates"], max_length)
+             for t, d in described.items()}
+    tests = {}
+    for task in described:
+        data = datasets.load_from_disk(str(directory / "data" / task))
+        tests[task] = (np.stack([np.asarray(im.convert("RGB")) for im in data["image"]]),
+                       np.asarray(data["label"]))
+    vision = CLIPVisionModel.from_pretrained(directory / "pretrained").eval()
+    pretrained = {k: v.float().clone() for k, v in vision.state_dict().items()}
+    experts = {t: {k: v.float() for k, v in
+                   CLIPVisionModel.from_pretrained(directory / "experts" / t).state_dict().items()}
+               for t in described}
+    projection, logit_scale = model.visual_projection, model.logit_scale.exp().item()
+
+    def evaluate(state, task):
+        vision.load_state_dict(state)
+        return accuracy(vision, projection, heads[task], logit_scale, tests[task])
+
+    def block_of(name: str) -> str:
+        match = re.search(r"layers\.(\d+)\.", name)
+        return f"layer {match.group(1)}" if match else "embeddings and norms"
+
+    return TrackModels(
+        tasks=list(described), pretrained=pretrained, experts=experts, evaluate=evaluate,
+        chance={t: 1 / len(d["classnames"]) for t, d in described.items()}, block_of=block_of,
+    )

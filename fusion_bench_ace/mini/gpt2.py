@@ -23,7 +23,6 @@ task's own ``score`` head, so the accuracies measured here at build time follow 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from transformers import (
     GPT2Tokenizer,
 )
 
+from .determinism import deterministic_torch, stage_seed
 from .text_tasks import TASKS, Example, TextTask, make_splits, pretraining_corpus
 
 END_OF_TEXT = "<|endoftext|>"
@@ -97,32 +97,6 @@ def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
         "num_parameters": sum(p.numel() for p in language_model.transformer.parameters()),
         "metrics": metrics,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# determinism
-# --------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def deterministic_torch(num_threads: int) -> Iterator[None]:
-    """Deterministic kernels on a fixed number of CPU threads (float sums do not depend on the
-    machine's core count), and torch's global RNG (model init, dropout) and thread count restored
-    afterwards, so building does not disturb the caller. Every stage reseeds with ``stage_seed``."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(num_threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.set_num_threads(previous[1])
-
-
-def stage_seed(seed: int, stage: str) -> int:
-    """An independent, stable seed per stage: adding a task does not change the others."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{stage}".encode()).digest()[:4], "little")
 
 
 # --------------------------------------------------------------------------------------------

@@ -156,9 +156,11 @@ def draw_size(rng, label, size):
     return _to_uint8(image)
 
 
-def draw_count(rng, label, size):
-    image = _background(rng, size, clutter=0.3)
-    color = _jittered(rng, COLORS[list(COLORS)[rng.integers(len(COLORS))]])
+def draw_count(rng, label, size, clutter=0.3, color=None):
+    image = _background(rng, size, clutter=clutter)
+    if color is None:
+        color = COLORS[list(COLORS)[rng.integers(len(COLORS))]]
+    color = _jittered(rng, color)
     centers: List[Tuple[float, float]] = []
     while len(centers) < label + 1:
         cy, cx = _random_center(rng, size, 1.5)
@@ -169,18 +171,18 @@ def draw_count(rng, label, size):
     return _to_uint8(image)
 
 
-def draw_orientation(rng, label, size):
+def draw_orientation(rng, label, size, clutter=0.4):
     y, x = _grid(size)
     theta = np.deg2rad(ORIENTATION_ANGLES[ORIENTATIONS[label]] + rng.normal(0, 6))
     period = rng.uniform(3.5, 5.5)
     # stripes run along theta: the wave varies across it
     wave = np.sin(2 * np.pi * (-x * np.sin(theta) + y * np.cos(theta)) / period + rng.uniform(0, 6.3))
     tint = _jittered(rng, COLORS[list(COLORS)[rng.integers(len(COLORS))]], 40.0)
-    image = _background(rng, size, clutter=0.4) + (0.5 + 0.5 * wave)[..., None] * tint * 0.8
+    image = _background(rng, size, clutter=clutter) + (0.5 + 0.5 * wave)[..., None] * tint * 0.8
     return _to_uint8(image)
 
 
-def draw_texture(rng, label, size):
+def draw_texture(rng, label, size, clutter=0.3):
     y, x = _grid(size)
     name = TEXTURES[label]
     scale = rng.uniform(3.0, 4.5)
@@ -195,25 +197,30 @@ def draw_texture(rng, label, size):
     else:  # speckled
         pattern = rng.random((size, size)) < 0.3
     fg = _jittered(rng, COLORS[list(COLORS)[rng.integers(len(COLORS))]], 40.0)
-    image = _background(rng, size, clutter=0.3)
+    image = _background(rng, size, clutter=clutter)
     image[pattern] = fg
     return _to_uint8(image)
 
 
 class DigitSource:
-    """scikit-learn's 8x8 digits, split once into train/test, upsampled and tinted on draw."""
+    """scikit-learn's 8x8 digits, split once into train/validation/test, upsampled and tinted on
+    draw. Each glyph belongs to one split only."""
 
-    def __init__(self, seed: int, test_fraction: float = 0.3):
+    FRACTIONS = {"test": 0.3, "validation": 0.15}
+
+    def __init__(self, seed: int):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         order = np.random.default_rng(seed).permutation(len(digits.target))
-        n_test = int(len(order) * test_fraction)
         self.images = digits.images.astype(np.float32) / 16.0
         self.labels = digits.target
-        self.split = {"test": order[:n_test], "train": order[n_test:]}
+        n_test = int(len(order) * self.FRACTIONS["test"])
+        n_val = int(len(order) * self.FRACTIONS["validation"])
+        self.split = {"test": order[:n_test], "validation": order[n_test:n_test + n_val],
+                      "train": order[n_test + n_val:]}
 
-    def draw(self, rng, label, size, split):
+    def draw(self, rng, label, size, split, clutter=0.3):
         candidates = self.split[split][self.labels[self.split[split]] == label]
         glyph = self.images[candidates[rng.integers(len(candidates))]]
         reps = size // 8
@@ -222,7 +229,7 @@ class DigitSource:
         shift = rng.integers(-1, 2, size=2)
         glyph = np.roll(glyph, shift=tuple(shift), axis=(0, 1))
         ink = _jittered(rng, (230, 230, 230), 30.0)
-        image = _background(rng, size, clutter=0.3) * (1 - glyph[..., None]) + glyph[..., None] * ink
+        image = _background(rng, size, clutter=clutter) * (1 - glyph[..., None]) + glyph[..., None] * ink
         return _to_uint8(image)
 
 
@@ -252,12 +259,15 @@ def vision_tasks() -> Dict[str, VisionTask]:
     }
 
 
+SPLIT_STREAMS = {"train": 0, "test": 1, "validation": 2}
+
+
 def draw_split(
     task: str, n: int, size: int, seed: int, split: str, digits: DigitSource
 ) -> Tuple[np.ndarray, np.ndarray]:
     """``n`` balanced, shuffled examples of ``task``: images (n, H, W, 3) uint8 and labels (n,)."""
     spec = vision_tasks()[task]
-    rng = np.random.default_rng([seed, sorted(vision_tasks()).index(task), 0 if split == "train" else 1])
+    rng = np.random.default_rng([seed, sorted(vision_tasks()).index(task), SPLIT_STREAMS[split]])
     labels = np.arange(n) % len(spec.classnames)
     rng.shuffle(labels)
     if task == "digits":
@@ -269,34 +279,59 @@ def draw_split(
 
 # --- the captioned pretraining mix ----------------------------------------------------------------
 
+SCENE_KINDS = ("object", "dots", "stripes", "texture", "digit")
 
-PRETRAINING_COLORS = ("red", "green", "blue", "yellow")
 
+def draw_captioned(
+    rng: np.random.Generator, size: int, digits: DigitSource, mix: dict
+) -> Tuple[Image, str]:
+    """One image of the pretraining mix and a caption naming *some* of what it shows.
 
-def draw_captioned(rng: np.random.Generator, size: int) -> Tuple[Image, str]:
-    """One image of the broad pretraining mix with a caption naming some of what it shows.
-
-    Single objects of any size on plain backgrounds, captioned with their shape and often their
-    colour (four of the six task colours) and position; textures and stripes shown but captioned
-    only as patterns and stripes. Never named: sizes, counts, digits, purple and cyan, texture
-    kinds, stripe directions; never shown: distractors, clutter. Like a real
-    pretraining corpus it covers some of the tasks' concepts and misses others, which keeps the
-    pretrained model's zero-shot accuracy honest but limited.
+    Like web alt-text, a caption names each attribute only with its probability in
+    ``mix["name"]`` (shape, color, size, position, count, direction, texture, digit), so every
+    concept of every task is named some of the time and no caption names everything. Scenes are
+    of the tasks' kinds (``mix["kinds"]``: weights of object, dots, stripes, texture, digit) but
+    mostly clean: the tasks' nuisances (clutter, distractor objects) appear with probability
+    ``mix["nuisance"]``, which is the domain shift that keeps zero-shot accuracy below the
+    experts'. Digits come from the train split of scikit-learn's digits only.
     """
-    kind = rng.integers(4)
-    if kind <= 1:
-        image = _background(rng, size)
-        shape = SHAPES[rng.integers(4)]
-        color = PRETRAINING_COLORS[rng.integers(len(PRETRAINING_COLORS))]
-        size_name = SIZES[rng.integers(3)]
+    name = mix["name"]
+    weights = np.array([mix["kinds"][k] for k in SCENE_KINDS], dtype=np.float64)
+    kind = SCENE_KINDS[rng.choice(len(SCENE_KINDS), p=weights / weights.sum())]
+    noisy = rng.random() < mix["nuisance"]
+    clutter = rng.uniform(0.3, 0.5) if noisy else 0.0
+    said = lambda attribute: rng.random() < name[attribute]  # noqa: E731
+    color_name = list(COLORS)[rng.integers(len(COLORS))]
+    color_word = f"{color_name} " if said("color") else ""
+
+    if kind == "object":
+        image = _background(rng, size, clutter)
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        size_name = SIZES[rng.integers(len(SIZES))]
         radius = rng.uniform(*SIZE_RADII[size_name])
         quadrant = int(rng.integers(4)) if size_name != "large" else None
         cy, cx = _random_center(rng, size, radius, quadrant)
-        _paint(image, shape_mask(shape, size, cy, cx, radius), _jittered(rng, COLORS[color], 20.0))
-        caption = f"a {color} {shape}" if rng.random() < 0.7 else f"a {shape}"
-        if quadrant is not None and rng.random() < 0.5:
-            caption += f" in the {QUADRANTS[quadrant]}"
-        return _to_uint8(image), caption + "."
-    if kind == 2:
-        return draw_texture(rng, int(rng.integers(len(TEXTURES))), size), "a pattern."
-    return draw_orientation(rng, int(rng.integers(len(ORIENTATIONS))), size), "some stripes."
+        _paint(image, shape_mask(shape, size, cy, cx, radius), _jittered(rng, COLORS[color_name]))
+        if noisy:
+            _add_distractor(rng, image, size, avoid_color=color_name)
+        words = (f"{size_name} " if said("size") else "") + color_word
+        words += shape if said("shape") else "object"
+        if quadrant is not None and said("position"):
+            words += f" in the {QUADRANTS[quadrant]}"
+        return _to_uint8(image), f"a {words}."
+    if kind == "dots":
+        label = int(rng.integers(len(COUNTS)))
+        image = draw_count(rng, label, size, clutter=clutter, color=COLORS[color_name])
+        count = COUNTS[label] if said("count") else "some"
+        return image, f"{count} {color_word}dots."
+    if kind == "stripes":
+        label = int(rng.integers(len(ORIENTATIONS)))
+        image = draw_orientation(rng, label, size, clutter=clutter)
+        return image, (f"{ORIENTATIONS[label]} stripes." if said("direction") else "stripes.")
+    if kind == "texture":
+        label = int(rng.integers(len(TEXTURES)))
+        image = draw_texture(rng, label, size, clutter=clutter)
+        return image, (f"a {TEXTURES[label]} pattern." if said("texture") else "a pattern.")
+    label = int(rng.integers(len(DIGIT_NAMES)))
+    image = digits.draw(rng, label, size, "train", clutter=clutter)
+    return image, (f"the digit {DIGIT_NAMES[label]}." if said("digit") else "a handwritten digit.")
