@@ -94,3 +94,38 @@ def test_every_benchmark_definition_is_complete():
         resolve_methods(spec, None)
         for row in paper_rows(spec):
             assert set(row.scores) == set(spec["tasks"])
+
+
+def test_seeds_give_one_comparison_each_and_their_spread(reduced_clip_env, tmp_path):
+    """Two track seeds: two builds (different hashes), per-seed tables, mean ± std recomputed
+    here from the per-seed CSVs; rerunning on another track warns that the table differs."""
+    import statistics
+
+    from fusion_bench_ace.compare.seeds import run_over_seeds
+
+    env = {**reduced_clip_env, "FUSION_BENCH_ACE_CACHE": str(tmp_path / "cache")}
+    messages = []
+    with patched_environ(env):
+        run_dir = run_over_seeds("mini_clip", ["pretrained", "simple_average"], [3, 4],
+                                 tmp_path / "out", ["run"], log=messages.append)
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    hashes = {s: v["track_content_hash"] for s, v in provenance["seeds"].items()}
+    assert set(hashes) == {"3", "4"} and hashes["3"] != hashes["4"]
+    per_seed = {s: {r["method"]: r for r in csv.DictReader(
+        (run_dir / f"seed_{s}" / "latest" / "table.csv").open())} for s in (3, 4)}
+    spread = {r["method"]: r for r in csv.DictReader((run_dir / "table.csv").open())}
+    for method in ("pretrained", "simple_average"):
+        values = [float(per_seed[s][method]["average"]) for s in (3, 4)]
+        assert float(spread[method]["average_mean"]) == pytest.approx(statistics.fmean(values),
+                                                                       abs=1e-3)
+        assert float(spread[method]["average_std"]) == pytest.approx(statistics.stdev(values),
+                                                                      abs=1e-3)
+    assert "±" in (run_dir / "table.md").read_text()
+
+    assert not any("is not the one" in str(m) for m in messages)
+    # the seed-3 table, rerun on the seed-4 track, says the track changed
+    messages.clear()
+    with patched_environ({**env, "FUSION_BENCH_ACE_MINI_SEED": "4"}):
+        run_comparison("mini_clip", ["pretrained"], run_dir / "seed_3", ["run"],
+                       log=messages.append)
+    assert any("is not the one" in str(m) for m in messages)

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     run.add_argument("benchmark")
     run.add_argument("--methods", help="comma-separated; default: the benchmark's default_methods")
     run.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>")
+    run.add_argument("--seeds", help="comma-separated track seeds (embedded tracks): one "
+                     "comparison per seed and a table of mean ± std")
     sweep = sub.add_parser("sweep", help="a Hydra multirun grid of one method: table + heatmap")
     sweep.add_argument("benchmark")
     sweep.add_argument(
@@ -60,7 +62,13 @@ def main(argv=None) -> int:
     if args.command == "run":
         methods = args.methods.split(",") if args.methods else None
         out = args.out or Path("outputs/compare") / args.benchmark
-        run_comparison(args.benchmark, methods, out, argv)
+        if args.seeds:
+            from .seeds import run_over_seeds
+
+            seeds = [int(s) for s in args.seeds.split(",")]
+            run_over_seeds(args.benchmark, methods, seeds, out, argv)
+        else:
+            run_comparison(args.benchmark, methods, out, argv)
         return 0
     if args.command == "sweep":
         out = args.out or Path("outputs/compare") / f"{args.benchmark}_sweep"

@@ -6,6 +6,7 @@ numbers are in ``paper_numbers.yaml`` beside this file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -80,3 +81,18 @@ def track_manifest(spec: dict) -> Optional[dict]:
 
     directory = track_dir(spec["track"])
     return read_manifest(directory) if is_built(directory) else None
+
+
+def track_change_warning(spec: dict, previous_provenance: Path) -> Optional[str]:
+    """A warning when the track ``spec`` runs on now is not the one the table whose provenance
+    is ``previous_provenance`` (e.g. a committed ``results/.../latest``) was made with."""
+    current = track_manifest(spec)
+    if current is None or not previous_provenance.is_file():
+        return None
+    previous = json.loads(previous_provenance.read_text()).get("track_manifest") or {}
+    before, now = previous.get("content_hash"), current.get("content_hash")
+    if before == now:
+        return None
+    return (f"WARNING: the '{spec['track']}' track built here (content hash {str(now)[:12]}) is "
+            f"not the one {previous_provenance.parent} was made with ({str(before)[:12]}): its "
+            "numbers will differ from that table's")

@@ -18,7 +18,13 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import yaml
 
 from .. import provenance
-from .benchmarks import load_benchmark, paper_rows, resolve_methods, track_manifest
+from .benchmarks import (
+    load_benchmark,
+    paper_rows,
+    resolve_methods,
+    track_change_warning,
+    track_manifest,
+)
 from .diagnostics import write_diagnostics
 from .runs import RunResult, log_tail, run_fusion_bench, run_method, sweep_jobs
 from .tables import Row, bar_plot, csv_table, heatmap, markdown_table, measured_row
@@ -59,6 +65,9 @@ def run_comparison(
     spec = load_benchmark(benchmark)
     names = resolve_methods(spec, methods)
     _prepare(spec, log)
+    warning = track_change_warning(spec, out / "latest" / "provenance.json")
+    if warning:
+        log(warning)
     run_dir = new_run_dir(out)
     log(f"[compare] {benchmark}: {len(names)} methods -> {run_dir}")
     rows, failures = [], []

@@ -1,0 +1,123 @@
+"""One comparison per build seed of an embedded track, and the table of their spread.
+
+``python -m fusion_bench_ace.compare run mini_clip --seeds 0,1,2`` builds the track from each seed
+(``$FUSION_BENCH_ACE_MINI_SEED``: a different pretraining, experts and data draw), runs every
+method on each through :func:`~fusion_bench_ace.compare.runner.run_comparison` into
+``seed_<s>/``, and writes ``table.md``/``table.csv`` with the mean ± sample standard deviation
+per method and task. A difference between two methods means something only where it exceeds
+that spread.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from .. import provenance
+from ..mini.cache import SEED_ENV
+from .benchmarks import load_benchmark
+from .runner import new_run_dir, point_latest, run_comparison
+
+
+@contextmanager
+def track_seed(seed: int) -> Iterator[None]:
+    """Builds and ``fusion_bench`` runs started inside use the track built from ``seed``."""
+    previous = os.environ.get(SEED_ENV)
+    os.environ[SEED_ENV] = str(seed)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SEED_ENV, None)
+        else:
+            os.environ[SEED_ENV] = previous
+
+
+def run_over_seeds(
+    benchmark: str, methods: Optional[Sequence[str]], seeds: Sequence[int], out: Path,
+    argv: Sequence[str], *, log=print,
+) -> Path:
+    spec = load_benchmark(benchmark)
+    if not spec.get("track"):
+        raise ValueError(f"--seeds needs an embedded-track benchmark; {benchmark!r} has no track")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"--seeds must be distinct integers; got {list(seeds)}")
+    run_dir = new_run_dir(out)
+    per_seed = {}
+    for seed in seeds:
+        log(f"[compare] {benchmark}, track seed {seed}")
+        with track_seed(seed):
+            seed_dir = run_comparison(benchmark, methods, run_dir / f"seed_{seed}", argv, log=log)
+        per_seed[seed] = seed_dir
+    write_spread(run_dir, spec, per_seed, argv)
+    point_latest(out, run_dir)
+    log((run_dir / "table.md").read_text())
+    return run_dir
+
+
+def read_csv(path: Path) -> Dict[str, Dict[str, str]]:
+    with open(path) as handle:
+        return {row["method"]: row for row in csv.DictReader(handle)}
+
+
+def spread(values: List[float]) -> tuple:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_spread(run_dir: Path, spec: dict, per_seed: Dict[int, Path], argv: Sequence[str]):
+    tasks = spec["tasks"]
+    tables = {seed: read_csv(path / "table.csv") for seed, path in per_seed.items()}
+    methods = [m for m, row in next(iter(tables.values())).items() if row["source"] == "measured"]
+    columns = [*tasks, "average"]
+    stats: Dict[str, Dict[str, tuple]] = {}
+    for method in methods:
+        stats[method] = {}
+        for column in columns:
+            values = [tables[s].get(method, {}).get(column, "") for s in tables]
+            if all(v not in ("", None) for v in values):
+                stats[method][column] = spread([float(v) for v in values])
+    hashes = {}
+    for seed, path in per_seed.items():
+        manifest = json.loads((path / "provenance.json").read_text()).get("track_manifest") or {}
+        hashes[seed] = manifest.get("content_hash")
+
+    with open(run_dir / "table.csv", "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["method", *(f"{c}_{k}" for c in columns for k in ("mean", "std"))])
+        for method in methods:
+            writer.writerow([method, *(f"{stats[method][c][i]:.4f}" if c in stats[method] else ""
+                                       for c in columns for i in (0, 1))])
+    info = {**provenance.collect(" ".join(["python -m fusion_bench_ace.compare", *argv])),
+            "benchmark": spec, "seeds": {str(s): {"run": str(p.relative_to(run_dir)),
+                                                  "track_content_hash": hashes[s]}
+                                         for s, p in per_seed.items()}}
+    (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
+    cell = lambda m, c: (f"{stats[m][c][0]:.1f} ± {stats[m][c][1]:.1f}"  # noqa: E731
+                         if c in stats[m] else "–")
+    header = ["method", *tasks, "avg"]
+    lines = [
+        f"# {spec['name']}: {spec.get('description', '')}, over {len(per_seed)} track seeds",
+        "",
+        f"- command: `{info['command']}`",
+        f"- date (UTC): {info['date_utc']}; commit {info['git_commit']}"
+        + (" (with uncommitted changes)" if info["git_dirty"] else ""),
+        f"- machine: {info['machine']['cpu']} ({info['machine']['cpu_count']} cores, "
+        f"{info['machine']['memory']})",
+        "- seeds (track content hash): " + ", ".join(
+            f"{s} (`{(hashes[s] or '?')[:12]}`)" for s in per_seed),
+        "",
+        "Accuracy in %, mean ± sample standard deviation over the seeds; each seed's own table "
+        "(with merge time and memory) is in `seed_<s>/latest/`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for method in methods:
+        lines.append("| " + " | ".join([method, *(cell(method, c) for c in columns)]) + " |")
+    (run_dir / "table.md").write_text("\n".join(lines) + "\n")
