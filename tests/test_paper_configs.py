@@ -159,6 +159,21 @@ def locate(target: str):
     return _locate(target)
 
 
+def test_every_target_is_named_one_way():
+    """One ``_target_`` convention in config/: a literal dotted path (no interpolation), and an
+    object of ours by the module that defines it (not a re-export). FusionBench's open_clip task
+    pool is reached through taskpools.openclip, the module that makes it importable."""
+    found = []
+    for path in sorted(CONFIG.rglob("*.yaml")):
+        found += [(path, t) for t in targets(yaml.safe_load(path.read_text()))]
+    assert len(found) > 100
+    for path, target in found:
+        assert isinstance(target, str) and "${" not in target, (path, target)
+        defined_in = getattr(locate(target), "__module__", "")
+        if defined_in.split(".")[0] == "fusion_bench_ace":
+            assert defined_in == target.rsplit(".", 1)[0], (path, target)
+
+
 def compose_jobs():
     """(benchmark, method) pairs: every benchmark with its ACE preset, and every default method once
     per model family (methods compose independently of the pools; one fusion_bench start each would
@@ -231,7 +246,7 @@ def test_every_paper_command_composes_and_its_targets_import(composed):
             name
         )
         if method == "ace":
-            assert config["method"]["_target_"] == "fusion_bench_ace.ACEMerging"
+            assert config["method"]["_target_"] == "fusion_bench_ace.algorithms.ace.ACEMerging"
         seen |= set(targets({g: config[g] for g in ("method", "modelpool", "taskpool")}))
     for target in sorted(seen):
         assert callable(locate(target)), target
