@@ -46,18 +46,6 @@ def effective_coefficients(raw: Tensor, clamp: bool, low: float = 0.0, high: flo
     return raw.clamp(low, high) if clamp else raw
 
 
-def merge_tensor(base: Tensor, task_vectors: Sequence[Tensor], coefficients: Tensor) -> Tensor:
-    """``θ_0 + Σ_k λ_k τ_k`` for one tensor (``coefficients``: one per task vector)."""
-    if len(task_vectors) != coefficients.numel():
-        raise ValueError(
-            f"{len(task_vectors)} task vectors but {coefficients.numel()} coefficients"
-        )
-    merged = base
-    for coefficient, task_vector in zip(coefficients, task_vectors):
-        merged = merged + coefficient * task_vector
-    return merged
-
-
 # --- self-labelling -------------------------------------------------------------------------------
 
 
