@@ -1,6 +1,7 @@
 """SyMerge (arXiv 2412.19098) math: expert-guided self-labelling, task heads, coefficients.
 
-Pure torch (no FusionBench import). Spec: ``shared/design/ALGORITHMS.md`` §2.
+Pure torch (no FusionBench import). What the authors' code does and what we chose:
+``docs/symerge.md``.
 
 SyMerge adapts a merged encoder at test time on unlabelled inputs. It learns layer-wise merging
 coefficients ``Λ`` (one per parameter tensor and task; merged tensor
