@@ -3,7 +3,7 @@
 Pure functions on tensors: per-model (or per-tensor) Frobenius norms in, coefficients ``α`` out.
 No FusionBench import; the FusionBench algorithms (Task Arithmetic + NAN, TIES + NAN) live in
 ``fusion_bench_ace.algorithms.nan``. The paper's Eq. (10) is lost in the text we have; this
-follows the reconstruction in ``shared/design/ALGORITHMS.md`` §1.2-1.3.
+follows the reconstruction described in ``docs/nan.md``.
 
 For ``M`` models with norms ``n_i`` and ``ε = 1e-12``:
 

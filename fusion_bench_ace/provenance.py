@@ -13,7 +13,7 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .paths import PACKAGE_DIR
 
@@ -111,3 +111,17 @@ def collect(command: str, device: Optional[str] = None) -> dict:
         "versions": versions(),
         "environment": {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)},
     }
+
+
+def markdown_lines(info: dict) -> List[str]:
+    """The command, date, commit and machine of :func:`collect`'s ``info``: Markdown list items."""
+    machine = info["machine"]
+    gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ", no GPU"
+    return [
+        f"- command: `{info['command']}`",
+        f"- date (UTC): {info['date_utc']}; git commit: "
+        f"{info['git_commit'] or 'unknown (not a git checkout)'}"
+        + (" (with uncommitted changes)" if info["git_dirty"] else ""),
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory']}), torch "
+        f"{info['versions']['torch']}{gpu}",
+    ]

@@ -1,6 +1,7 @@
 """SyMerge (arXiv 2412.19098) math: expert-guided self-labelling, task heads, coefficients.
 
-Pure torch (no FusionBench import). Spec: ``shared/design/ALGORITHMS.md`` §2.
+Pure torch (no FusionBench import). What the authors' code does and what we chose:
+``docs/symerge.md``.
 
 SyMerge adapts a merged encoder at test time on unlabelled inputs. It learns layer-wise merging
 coefficients ``Λ`` (one per parameter tensor and task; merged tensor
@@ -44,18 +45,6 @@ def initial_coefficients(num_models: int, num_tensors: int, init_value: float) -
 def effective_coefficients(raw: Tensor, clamp: bool, low: float = 0.0, high: float = 1.0) -> Tensor:
     """The coefficients the merge uses: ``clip(Λ, low, high)`` (zero gradient outside), or ``Λ``."""
     return raw.clamp(low, high) if clamp else raw
-
-
-def merge_tensor(base: Tensor, task_vectors: Sequence[Tensor], coefficients: Tensor) -> Tensor:
-    """``θ_0 + Σ_k λ_k τ_k`` for one tensor (``coefficients``: one per task vector)."""
-    if len(task_vectors) != coefficients.numel():
-        raise ValueError(
-            f"{len(task_vectors)} task vectors but {coefficients.numel()} coefficients"
-        )
-    merged = base
-    for coefficient, task_vector in zip(coefficients, task_vectors):
-        merged = merged + coefficient * task_vector
-    return merged
 
 
 # --- self-labelling -------------------------------------------------------------------------------

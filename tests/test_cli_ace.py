@@ -96,7 +96,7 @@ def test_ace_cli_from_repository_root(tiny_pool, tmp_path):
         ],
         cwd=REPO_ROOT,
     )
-    assert "fusion_bench_ace.ACEMerging" in result.stdout
+    assert "fusion_bench_ace.algorithms.ace.ACEMerging" in result.stdout
     assert (tmp_path / "logs" / "program_report.json").exists()
 
 

@@ -25,3 +25,23 @@ def test_hydra_plugin_imports_only_the_light_part_of_the_package():
     loaded = _modules_after("import hydra_plugins.fusion_bench_ace_searchpath")
     assert "fusion_bench_ace.paths" in loaded
     assert "torch" not in loaded and "fusion_bench" not in loaded
+
+
+MATH_MODULES = ("ace", "nan", "symerge", "merging", "streaming", "tensors", "selection")
+
+
+def test_the_math_imports_no_fusion_bench():
+    loaded = _modules_after("import " + ", ".join(f"fusion_bench_ace.{m}" for m in MATH_MODULES))
+    assert {f"fusion_bench_ace.{m}" for m in MATH_MODULES} <= loaded
+    assert not [name for name in loaded if name.split(".")[0] == "fusion_bench"]
+
+
+def test_open_clip_pools_leave_the_typing_module_as_it_was():
+    code = (
+        "import typing; before = hasattr(typing, 'override'); "
+        "from fusion_bench_ace.taskpools.openclip import OpenCLIPVisionModelPool; "
+        "print(before, hasattr(typing, 'override'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = done.stdout.split()[-2:]
+    assert before == after

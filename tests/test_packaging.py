@@ -70,7 +70,7 @@ def test_wheel_configs_are_on_the_search_path(wheel_install, tmp_path):
         text=True,
         check=True,
     )
-    assert "_target_: fusion_bench_ace.ACEMerging" in job.stdout
+    assert "_target_: fusion_bench_ace.algorithms.ace.ACEMerging" in job.stdout
     assert "eps: 0.04" in job.stdout
 
 

@@ -1,7 +1,7 @@
 """Bad input to the FusionBench adapters fails early and clearly; odd but valid input merges
 finitely.
 
-Each case here is a row of the README's reliability table. In-process (no CLI) on small in-memory
+Each case here is a row of docs/reliability.md's table. In-process (no CLI) on small in-memory
 model pools; the CLI-level cases (unknown method names, output clobbering) are in test_cli_ace.py
 and test_program.py.
 """

@@ -4,8 +4,9 @@
     fusion_bench method=ties_merging_nan modelpool=... taskpool=...
 
 Thin adapters: the coefficients ``α`` come from :mod:`fusion_bench_ace.nan`; the merges are
-FusionBench's own code with ``α`` in place of the uniform weighting (``shared/design/
-ALGORITHMS.md`` §1.2):
+FusionBench's own functions with ``α`` in place of the uniform weighting (``docs/nan.md``). These
+classes are ``BaseAlgorithm`` subclasses of their own, not subclasses of FusionBench's
+``TaskArithmeticAlgorithm`` / ``TiesMergingAlgorithm``:
 
 - **Task Arithmetic + NAN**: ``θ = θ_0 + s Σ_i α_i τ_i``. FusionBench's TA is
   ``θ_0 + λ Σ_i τ_i``; the task vectors are computed, scaled and summed with FusionBench's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import provenance
 from .layers import IMPL_FUNCS
 
 
@@ -15,14 +16,9 @@ def render(report: dict) -> str:
     lines = [
         f"# ACE-Merging benchmark ({h['mode']})",
         "",
-        f"- command: `{h['command']}`",
-        f"- git commit: {h['git_commit'] or 'unknown (not a git checkout)'}"
-        + (" (with uncommitted changes)" if h["git_dirty"] else ""),
-        f"- machine: {h['machine']['cpu']}, {h['machine']['cpu_count']} cores, torch "
-        f"{h['versions']['torch']}, {h['threads']} torch thread(s), device {h['device']}"
-        + (f" ({h['machine']['gpu']})" if h["device"].startswith("cuda") else ""),
+        *provenance.markdown_lines(h),
+        f"- {h['threads']} torch thread(s), device {h['device']}",
         f"- load average (1/5/15 min) at start: {h['load_start']}, at end: {h['load_end']}",
-        f"- date: {h['date_utc']} UTC",
         f"- eps={h['eps']}, tau={h['tau']}, k_frac={h['k_frac']}, float32",
         "",
         "## Merge time (all 2-D layers of the model; interleaved, median of repeats)",

@@ -211,15 +211,10 @@ def _write_tables(
         bar_plot(
             rows, tasks, run_dir / "bars.png", f"{spec['name']}: {spec.get('description', '')}"
         )
-    machine = info["machine"]
     lines = [
         f"# {spec['name']}{title_suffix}: {spec.get('description', '')}",
         "",
-        f"- command: `{info['command']}`",
-        f"- date (UTC): {info['date_utc']}; commit {info['git_commit']}"
-        + (" (with uncommitted changes)" if info["git_dirty"] else ""),
-        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory']})"
-        + (f", GPU {machine['gpu']}" if machine["gpu"] else ", no GPU"),
+        *provenance.markdown_lines(info),
         f"- fusion_bench overrides: `{' '.join(spec['overrides'])}`; per-method overrides in "
         "provenance.json",
         "",

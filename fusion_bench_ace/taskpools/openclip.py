@@ -5,8 +5,8 @@ task-vectors / TSV-M checkpoints here:
 
 1. ``fusion_bench/modelpool/openclip_vision/modelpool.py`` does ``from typing import override``,
    which exists only from Python 3.12 on, so on 3.10/3.11 neither the model pool nor the open_clip
-   task pool (which imports from it) can be imported. We put ``typing_extensions.override`` (the
-   backport) at ``typing.override`` before importing them.
+   task pool (which imports from it) can be imported. We lend them ``typing_extensions.override``
+   (the backport) as ``typing.override`` while they are imported, and take it back afterwards.
 2. Its ``load_model`` reads the pickled encoders with ``torch.load(..., weights_only=True)`` and
    falls back to ``pickle.load`` only on ``RuntimeError``; torch >= 2.6 raises ``UnpicklingError``
    for a pickled module, and ``pickle.load`` cannot read torch's zip format anyway. Our subclass
@@ -20,19 +20,38 @@ Our ``ace_paper/openclip_*`` configs name these classes as their ``_target_``.
 from __future__ import annotations
 
 import logging
-import sys
 import typing
-from typing import Union
+from contextlib import contextmanager
+from typing import Iterator, Union
 
-if sys.version_info < (3, 12) and not hasattr(typing, "override"):
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+@contextmanager
+def _typing_override_lent() -> Iterator[None]:
+    """``typing.override`` for the duration of one import on Python < 3.12, removed afterwards.
+
+    FusionBench's open_clip modules do ``from typing import override``; they keep the backport
+    they imported, and nothing else in the process ever sees a changed ``typing`` module.
+    """
+    if hasattr(typing, "override"):
+        yield
+        return
     from typing_extensions import override
 
     typing.override = override
+    try:
+        yield
+    finally:
+        del typing.override
 
-import torch  # noqa: E402
-from fusion_bench.modelpool.openclip_vision import modelpool as _fb  # noqa: E402
-from fusion_bench.taskpool.openclip_vision.openclip_taskpool import OpenCLIPVisionModelTaskPool  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+with _typing_override_lent():
+    from fusion_bench.modelpool.openclip_vision import modelpool as _fb
+    from fusion_bench.taskpool.openclip_vision.openclip_taskpool import (
+        OpenCLIPVisionModelTaskPool,
+    )
 
 log = logging.getLogger(__name__)
 
