@@ -76,7 +76,8 @@ def stats(tracks, size, out) -> int:
     for name in tracks:
         directory = Path(track_path(name, size=size))
         manifest = read_manifest(directory)
-        result = regime_statistics(load_for_stats(name, size), regime)
+        result = regime_statistics(load_for_stats(name, size),
+                                   {**regime, "targets": regime["targets"][name]})
         result["info"] = {"track": name, "directory": str(directory),
                           "content_hash": manifest.get("content_hash"),
                           "settings": settings(name, size)}

@@ -340,3 +340,49 @@ def accuracy(classifier: GPT2ForSequenceClassification, data: Batch, batch_size:
                             attention_mask=batch["attention_mask"]).logits
         correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
     return correct / len(data["labels"])
+
+
+# --------------------------------------------------------------------------------------------
+# regime statistics
+# --------------------------------------------------------------------------------------------
+
+
+def load_for_stats(directory: Path):
+    """The built track as :class:`fusion_bench_ace.mini.stats.TrackModels`: GPT-2 backbones,
+    each evaluated under its task's own ``score`` head (FusionBench's GPT-2 protocol)."""
+    import re
+
+    from .stats import TrackModels
+
+    directory = Path(directory)
+    described = json.loads((directory / "tasks.json").read_text())
+    pretrained = GPT2Model.from_pretrained(directory / "pretrained")
+    experts = {t: GPT2ForSequenceClassification.from_pretrained(directory / "experts" / t).eval()
+               for t in described}
+    tests = {}
+    for task in described:
+        data = datasets.load_from_disk(str(directory / "data" / task / "test"))
+        tests[task] = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}
+
+    def evaluate(state, task):
+        classifier = experts[task]
+        saved = {k: v.clone() for k, v in classifier.transformer.state_dict().items()}
+        classifier.transformer.load_state_dict(state)
+        try:
+            return accuracy(classifier, tests[task], batch_size=200)
+        finally:
+            classifier.transformer.load_state_dict(saved)
+
+    def block_of(name: str) -> str:
+        match = re.search(r"h\.(\d+)\.", name)
+        return f"layer {match.group(1)}" if match else "embeddings and norms"
+
+    return TrackModels(
+        tasks=list(described),
+        pretrained={k: v.float().clone() for k, v in pretrained.state_dict().items()},
+        experts={t: {k: v.float().clone() for k, v in e.transformer.state_dict().items()}
+                 for t, e in experts.items()},
+        evaluate=evaluate,
+        chance={t: 1 / len(d["label_names"]) for t, d in described.items()},
+        block_of=block_of,
+    )

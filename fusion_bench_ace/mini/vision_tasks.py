@@ -117,8 +117,8 @@ def _add_distractor(rng, image, size, avoid_color: str | None = None):
 
 
 def draw_shape(rng, label, size):
-    image = _background(rng, size, clutter=0.5)
-    radius = rng.uniform(3.0, 5.5)
+    image = _background(rng, size, clutter=0.3)
+    radius = rng.uniform(3.5, 6.0)
     cy, cx = _random_center(rng, size, radius)
     color = COLORS[list(COLORS)[rng.integers(len(COLORS))]]
     _paint(image, shape_mask(SHAPES[label], size, cy, cx, radius), _jittered(rng, color))
@@ -285,53 +285,68 @@ SCENE_KINDS = ("object", "dots", "stripes", "texture", "digit")
 def draw_captioned(
     rng: np.random.Generator, size: int, digits: DigitSource, mix: dict
 ) -> Tuple[Image, str]:
-    """One image of the pretraining mix and a caption naming *some* of what it shows.
+    """One image of the pretraining mix and a caption naming some of what it shows.
 
-    Like web alt-text, a caption names each attribute only with its probability in
-    ``mix["name"]`` (shape, color, size, position, count, direction, texture, digit), so every
-    concept of every task is named some of the time and no caption names everything. Scenes are
-    of the tasks' kinds (``mix["kinds"]``: weights of object, dots, stripes, texture, digit) but
-    mostly clean: the tasks' nuisances (clutter, distractor objects) appear with probability
-    ``mix["nuisance"]``, which is the domain shift that keeps zero-shot accuracy below the
-    experts'. Digits come from the train split of scikit-learn's digits only.
+    Like web alt-text, a caption names each attribute (shape, color, size, position, count,
+    direction, texture, digit) with its probability in ``mix["name"]``, and with probability
+    ``mix["confuse"]`` names it wrongly, as the next class of its task (a fixed neighbour: web
+    captions confuse similar classes). So the image tower learns every concept of every task and
+    the text tower every class word, but their alignment is blurred between neighbouring classes:
+    zero-shot errors are near-misses that a small fine-tuning step corrects, as for a real CLIP.
+    Scenes are of the tasks' kinds (``mix["kinds"]``: weights of object, dots, stripes, texture,
+    digit) and mostly clean: the tasks' nuisances (clutter, distractor objects) appear with
+    probability ``mix["nuisance"]``. Digits come from the train split of scikit-learn's digits.
     """
-    name = mix["name"]
     weights = np.array([mix["kinds"][k] for k in SCENE_KINDS], dtype=np.float64)
     kind = SCENE_KINDS[rng.choice(len(SCENE_KINDS), p=weights / weights.sum())]
     noisy = rng.random() < mix["nuisance"]
     clutter = rng.uniform(0.3, 0.5) if noisy else 0.0
-    said = lambda attribute: rng.random() < name[attribute]  # noqa: E731
-    color_name = list(COLORS)[rng.integers(len(COLORS))]
-    color_word = f"{color_name} " if said("color") else ""
+
+    def named(attribute: str, classes, index: int):
+        """The caption's word for ``classes[index]`` (``None``: not named)."""
+        if rng.random() >= mix["name"][attribute]:
+            return None
+        if rng.random() < mix["confuse"][attribute]:
+            index = (index + 1) % len(classes)
+        return classes[index]
+
+    color_index = int(rng.integers(len(COLORS)))
+    color_name = list(COLORS)[color_index]
+    color = named("color", list(COLORS), color_index)
+    color_word = f"{color} " if color else ""
 
     if kind == "object":
         image = _background(rng, size, clutter)
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        size_name = SIZES[rng.integers(len(SIZES))]
+        shape_index, size_index = int(rng.integers(len(SHAPES))), int(rng.integers(len(SIZES)))
+        shape, size_name = SHAPES[shape_index], SIZES[size_index]
         radius = rng.uniform(*SIZE_RADII[size_name])
         quadrant = int(rng.integers(4)) if size_name != "large" else None
         cy, cx = _random_center(rng, size, radius, quadrant)
         _paint(image, shape_mask(shape, size, cy, cx, radius), _jittered(rng, COLORS[color_name]))
         if noisy:
             _add_distractor(rng, image, size, avoid_color=color_name)
-        words = (f"{size_name} " if said("size") else "") + color_word
-        words += shape if said("shape") else "object"
-        if quadrant is not None and said("position"):
-            words += f" in the {QUADRANTS[quadrant]}"
+        size_word = named("size", SIZES, size_index)
+        words = (f"{size_word} " if size_word else "") + color_word
+        words += named("shape", SHAPES, shape_index) or "object"
+        position = named("position", QUADRANTS, quadrant) if quadrant is not None else None
+        if position:
+            words += f" in the {position}"
         return _to_uint8(image), f"a {words}."
     if kind == "dots":
         label = int(rng.integers(len(COUNTS)))
         image = draw_count(rng, label, size, clutter=clutter, color=COLORS[color_name])
-        count = COUNTS[label] if said("count") else "some"
-        return image, f"{count} {color_word}dots."
+        return image, f"{named('count', COUNTS, label) or 'some'} {color_word}dots."
     if kind == "stripes":
         label = int(rng.integers(len(ORIENTATIONS)))
         image = draw_orientation(rng, label, size, clutter=clutter)
-        return image, (f"{ORIENTATIONS[label]} stripes." if said("direction") else "stripes.")
+        direction = named("direction", ORIENTATIONS, label)
+        return image, (f"{direction} stripes." if direction else "stripes.")
     if kind == "texture":
         label = int(rng.integers(len(TEXTURES)))
         image = draw_texture(rng, label, size, clutter=clutter)
-        return image, (f"a {TEXTURES[label]} pattern." if said("texture") else "a pattern.")
+        texture = named("texture", TEXTURES, label)
+        return image, (f"a {texture} pattern." if texture else "a pattern.")
     label = int(rng.integers(len(DIGIT_NAMES)))
     image = digits.draw(rng, label, size, "train", clutter=clutter)
-    return image, (f"the digit {DIGIT_NAMES[label]}." if said("digit") else "a handwritten digit.")
+    digit = named("digit", DIGIT_NAMES, label)
+    return image, (f"the digit {digit}." if digit else "a handwritten digit.")
