@@ -7,6 +7,21 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "rehearsal: every paper benchmark end to end on stand-ins, every default "
+        "method (slow; deselected unless -m selects it, e.g. pytest -m rehearsal)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.option.markexpr:  # an explicit -m decides
+        return
+    kept = [item for item in items if item.get_closest_marker("rehearsal") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
+
+
 @contextlib.contextmanager
 def patched_environ(values):
     saved = {k: os.environ.get(k) for k in values}
