@@ -363,6 +363,27 @@ def test_glue_metrics():
     assert glue_metrics("mnli", [[0, 0, 1.0]], [2]) == {"accuracy": 1.0, "score": 1.0}
 
 
+def test_validation_rows_are_held_out_of_train_as_fusion_bench_draws_them(glue_standins):
+    from datasets import Dataset
+    from fusion_bench.utils.data import train_validation_split
+
+    from fusion_bench_ace.taskpools.data import holdout
+    from fusion_bench_ace.taskpools.glue import load_glue_split
+
+    data = Dataset.from_dict({"x": list(range(50))})
+    theirs = train_validation_split(data, 0.1, None, 0, "val")  # FusionBench's val configs
+    assert holdout(data, 0.1, 0)["x"] == [data[i]["x"] for i in theirs.indices] and len(theirs) == 5
+    assert len(holdout(Dataset.from_dict({"x": [1, 2, 3]}), 0.1, 0)) == 1  # at least one row
+    with pytest.raises(ValueError, match="fraction"):
+        holdout(data, 1.5, 0)
+    glue = str(glue_standins / "nyu-mll" / "glue")
+    held_out = load_glue_split("rte", path=glue, validation={"split": "train", "fraction": 0.1, "seed": 0})
+    train = load_glue_split("rte", "train", path=glue)
+    assert len(held_out) == 1 and held_out[0] in [train[i] for i in range(len(train))]
+    with pytest.raises(ValueError, match="missing"):
+        load_glue_split("rte", path=glue, validation={"split": "train"})
+
+
 def test_gpt2_glue_is_tokenized_as_fusion_bench_does(glue_standins):
     from fusion_bench.dataset.gpt2_glue import mrpc_tokenize_function
 
