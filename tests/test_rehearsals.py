@@ -35,8 +35,8 @@ REPRESENTATIVE_METHODS = {
     # the task-vectors pickles, open_clip heads and our QuickGELU encoder
     "openclip_vit_b32_ta8": ["task_arithmetic"],
     "gpt2_glue7": ["task_arithmetic"],
-    # our GLUE task pool (GLUE metrics) and ACE's RoBERTa preset
-    "roberta_base_glue8": ["ace", "task_arithmetic"],
+    # our GLUE task pool (GLUE metrics), the normalised table, ACE's RoBERTa preset
+    "roberta_base_glue8": ["individual", "ace"],
 }
 # What a run must never print: a task FusionBench has no template/class names for, weights left
 # at their random initialisation, an activation or shape that does not fit the checkpoint.
@@ -70,12 +70,17 @@ def rehearse(benchmark: str, methods, root: Path, out: Path) -> Path:
 
 def assert_complete(run_dir: Path, benchmark: str, methods) -> None:
     spec = load_benchmark(benchmark)
-    rows = [r for r in csv.DictReader((run_dir / "table.csv").open()) if r["source"] == "measured"]
+    measured = [r for r in csv.DictReader((run_dir / "table.csv").open())
+                if r["source"] == "measured"]
+    rows = [r for r in measured if r["scale"] == "raw"]
     assert [r["method"] for r in rows] == list(methods)
     for row in rows:
         empty = [t for t in spec["tasks"] if not row[t]]
         assert not empty, f"{benchmark}/{row['method']}: no score for {empty}"
         assert row["average"]
+    normalised = [r["method"] for r in measured if r["scale"] == "normalised"]
+    expected = list(methods) if spec.get("normalize") and "individual" in methods else []
+    assert normalised == expected, benchmark
     for method in methods:
         log = (run_dir / "runs" / method / "fusion_bench.log").read_text(errors="replace")
         bad = [line for line in log.splitlines() if FORBIDDEN.search(line)]
@@ -100,21 +105,31 @@ def test_rehearsal_representative(benchmark, standin_root, tmp_path):
 
 
 def assert_roberta_details(run_dir: Path) -> None:
-    """Our GLUE task pool's metrics per task, and ACE's RoBERTa preset on the encoder only."""
+    """Our GLUE task pool's metrics per task, the normalised table (individual = 100 where its
+    score is positive), and ACE's RoBERTa preset on the encoder only."""
     tasks = load_benchmark("roberta_base_glue8")["tasks"]
     metric_keys = {"cola": {"accuracy", "matthews_correlation"}, "stsb": {"pearson", "spearmanr"},
                    "mrpc": {"accuracy", "f1"}, "qqp": {"accuracy", "f1"}}
-    for method in ("ace", "task_arithmetic"):
-        report = json.loads((run_dir / "runs" / method / "program_report.json").read_text())
-        for task in tasks:
-            expected = metric_keys.get(task, {"accuracy"}) | {"score", "loss", "num_samples"}
-            assert expected <= set(report[task]), (method, task, report[task])
-            assert -1.0 <= report[task]["score"] <= 1.0
+    report = json.loads((run_dir / "runs" / "ace" / "program_report.json").read_text())
+    for task in tasks:
+        expected = metric_keys.get(task, {"accuracy"}) | {"score", "loss", "num_samples"}
+        assert expected <= set(report[task]), (task, report[task])
+        assert -1.0 <= report[task]["score"] <= 1.0
+    rows = {(r["method"], r["scale"]): r for r in csv.DictReader((run_dir / "table.csv").open())
+            if r["source"] == "measured"}
+    raw, normalised = rows[("individual", "raw")], rows[("individual", "normalised")]
+    for task in tasks:
+        if float(raw[task]) > 0:
+            assert float(normalised[task]) == pytest.approx(100.0), task
+        else:
+            assert normalised[task] == "", task  # undefined against a non-positive reference
     command = (run_dir / "runs" / "ace" / "command.txt").read_text()
     assert "method=ace_roberta_base method.device=auto" in command
     layers = json.loads((run_dir / "runs" / "ace" / "ace_diagnostics.json").read_text())["layers"]
     assert layers and all(re.match(r"encoder\.layer\.\d+\..*weight$", r["name"]) for r in layers)
-    assert "ACE-Merging *(ACE-Merging Table 3 (normalised %))*" in (run_dir / "table.md").read_text()
+    table = (run_dir / "table.md").read_text()
+    normalised_part = table[table.index("## Normalised"):]
+    assert "ACE-Merging *(ACE-Merging Table 3 (normalised %))*" in normalised_part
 
 
 # --- the facts behind the stand-ins -----------------------------------------------------------
