@@ -1,10 +1,10 @@
 """Shared fixtures: the reduced embedded benchmark, built once per test session."""
 
-import contextlib
-import os
 from pathlib import Path
 
 import pytest
+
+from fusion_bench_ace.environ import patched_environ  # noqa: F401 (tests import it from here)
 
 
 def pytest_configure(config):
@@ -20,20 +20,6 @@ def pytest_collection_modifyitems(config, items):
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept
-
-
-@contextlib.contextmanager
-def patched_environ(values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def _reduced_track_env(track, tmp_path_factory):

@@ -5,8 +5,8 @@ random stand-in for every model and dataset id the benchmark's configs name (rea
 fields, tokenizer/processor files, dataset configurations, splits, columns and label counts; see
 ``fusion_bench_ace/rehearsal/facts.py`` for the sources). Then the real command,
 ``python -m fusion_bench_ace.compare run <benchmark>``, runs every default method through
-``fusion_bench``; every task column of the table must be filled and no run may warn about a
-missing template, class or weight.
+``fusion_bench`` (and the lambda-tuned ones, which read every task's train split); every task
+column of the table must be filled and no run may warn about a missing template, class or weight.
 
 ``make test`` runs one benchmark per model family with one or two methods
 (``REPRESENTATIVE_METHODS``); ``pytest -m rehearsal`` (deselected by default, see conftest.py)
@@ -24,8 +24,8 @@ import pytest
 
 from conftest import patched_environ
 from fusion_bench_ace.compare import available_benchmarks, load_benchmark
-from fusion_bench_ace.compare.__main__ import main as compare_main
-from fusion_bench_ace.rehearsal import build_standins, requirements
+from fusion_bench_ace.rehearsal import requirements
+from fusion_bench_ace.rehearsal.__main__ import main as rehearsal_main
 from fusion_bench_ace.rehearsal.facts import DATASETS, dataset_repo, model_repo
 
 PAPER_BENCHMARKS = sorted(n for n in available_benchmarks() if load_benchmark(n).get("paper"))
@@ -43,8 +43,7 @@ REPRESENTATIVE_METHODS = {
 FORBIDDEN = re.compile(
     r"(?i)unknown dataset|template|classnames|newly initialized|were not initialized|"
     r"quickgelu|size mismatch|missing key|traceback")
-ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TRANSFORMERS_OFFLINE": "1"}
+TUNED = ["task_arithmetic_tuned", "ties_merging_tuned"]
 
 
 @pytest.fixture(scope="session")
@@ -53,18 +52,11 @@ def standin_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("standins")
 
 
-def standin_env(benchmark: str, root: Path) -> dict:
-    with patched_environ(ENV):
-        return {**ENV, **build_standins(benchmark, root)}
-
-
 def rehearse(benchmark: str, methods, root: Path, out: Path) -> Path:
-    env = standin_env(benchmark, root)
-    argv = ["run", benchmark, "--out", str(out)]
-    if methods:
-        argv += ["--methods", ",".join(methods)]
-    with patched_environ(env):
-        assert compare_main(argv) == 0
+    """The rehearsal command (stand-ins under ``root``, then ``compare run``), as a user runs it."""
+    argv = [benchmark, "--root", str(root), "--out", str(out), "--methods", ",".join(methods)]
+    with patched_environ({"OMP_NUM_THREADS": "1"}):
+        assert rehearsal_main(argv) == 0
     return out / "latest"
 
 
@@ -90,9 +82,14 @@ def assert_complete(run_dir: Path, benchmark: str, methods) -> None:
 @pytest.mark.rehearsal
 @pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
 def test_rehearsal_every_default_method(benchmark, standin_root, tmp_path):
-    methods = load_benchmark(benchmark)["default_methods"]
-    run_dir = rehearse(benchmark, None, standin_root, tmp_path / benchmark)
+    """Every default method, and lambda tuned on validation data (every task's train split)."""
+    spec = load_benchmark(benchmark)
+    methods = [*spec["default_methods"], *TUNED]
+    run_dir = rehearse(benchmark, methods, standin_root, tmp_path / benchmark)
     assert_complete(run_dir, benchmark, methods)
+    for method in TUNED:
+        tuning = json.loads((run_dir / "runs" / method / "tuning.json").read_text())
+        assert tuning["chosen"] in tuning["grid"], method
 
 
 @pytest.mark.parametrize("benchmark", sorted(REPRESENTATIVE_METHODS))
@@ -158,15 +155,15 @@ def test_image_label_counts_are_fusion_benchs_class_counts(tmp_path):
     from hydra_plugins.fusion_bench_ace_searchpath import ace_config_dir
 
     checked = set()
-    pool = OmegaConf.load(Path(ace_config_dir()) / "taskpool" / "ace_paper"
-                          / "clip-vit-base-patch32_TALL20.yaml")
-    for task, entry in pool.test_datasets.items():
-        repo_id = re.search(r"\$\{ace_hf:([^}]+)\}", entry.path).group(1)
-        subset = entry.get("name") or "default"
+    pool = OmegaConf.to_container(OmegaConf.load(
+        Path(ace_config_dir()) / "taskpool" / "ace_paper" / "clip-vit-base-patch32_TALL20.yaml"))
+    for task, entry in pool["test_datasets"].items():
+        repo_id = re.search(r"\$\{ace_hf:([^}]+)\}", entry["path"]).group(1)
         facts = dataset_repo(repo_id)
-        assert facts.subsets[next(iter(facts.subsets))].num_labels == get_num_classes(task), task
-        assert entry.split in facts.subsets[subset if subset in facts.subsets
-                                            else next(iter(facts.subsets))].splits, task
+        # FusionBench passes no configuration name where the repository has a single one
+        subset = facts.subsets[entry.get("name") or next(iter(facts.subsets))]
+        assert subset.num_labels == get_num_classes(task), task
+        assert entry["split"] in subset.splits and "train" in subset.splits, task
         checked.add(repo_id)
     assert len(checked) == 20
 

@@ -8,7 +8,6 @@ that this installation runs the benchmark end to end. The numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,15 +26,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ..compare.__main__ import main as compare
+    from ..environ import patched_environ
     from . import build_standins
 
-    with tempfile.TemporaryDirectory(prefix="fusion_bench_ace_standins_") as temporary:
+    with tempfile.TemporaryDirectory(prefix="fusion_bench_ace_standins_") as temporary, \
+            patched_environ(OFFLINE):
         root = args.root or Path(temporary)
-        os.environ.update(OFFLINE)
-        os.environ.update(build_standins(args.benchmark, root))
-        out = args.out or Path("outputs/rehearsal") / args.benchmark
-        return compare(["run", args.benchmark, "--out", str(out),
-                        *(["--methods", args.methods] if args.methods else [])])
+        with patched_environ(build_standins(args.benchmark, root)):
+            out = args.out or Path("outputs/rehearsal") / args.benchmark
+            return compare(["run", args.benchmark, "--out", str(out),
+                            *(["--methods", args.methods] if args.methods else [])])
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ resolved with ``${ace_hf:...}`` replaced by a recorder, so the list is exactly w
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 from omegaconf import OmegaConf
 
+from ..environ import patched_environ
 from .facts import DATASETS
 
 OPENCLIP_ENV = "FUSION_BENCH_ACE_OPENCLIP_DIR"
@@ -65,21 +65,13 @@ def requirements(benchmark: str, openclip_dir: Path) -> Requirements:
     config_dir = Path(ace_config_dir())
     ids: List[str] = []
     found = Requirements()
-    saved = os.environ.get(OPENCLIP_ENV)
-    os.environ[OPENCLIP_ENV] = str(openclip_dir)
-    try:
-        with _recording_ace_hf(ids):
-            for option in pool_overrides(spec):
-                group, _, name = option.partition("=")
-                config = OmegaConf.create({"fast_dev_run": False,
-                                           group: OmegaConf.load(config_dir / group / f"{name}.yaml")})
-                resolved = OmegaConf.to_container(config, resolve=True)[group]
-                _collect_openclip(resolved, found)
-    finally:
-        if saved is None:
-            os.environ.pop(OPENCLIP_ENV, None)
-        else:
-            os.environ[OPENCLIP_ENV] = saved
+    with patched_environ({OPENCLIP_ENV: str(openclip_dir)}), _recording_ace_hf(ids):
+        for option in pool_overrides(spec):
+            group, _, name = option.partition("=")
+            config = OmegaConf.create({"fast_dev_run": False,
+                                       group: OmegaConf.load(config_dir / group / f"{name}.yaml")})
+            resolved = OmegaConf.to_container(config, resolve=True)[group]
+            _collect_openclip(resolved, found)
     found.datasets = [i for i in ids if i in DATASETS]
     found.models = [i for i in ids if i not in DATASETS]
     return found
