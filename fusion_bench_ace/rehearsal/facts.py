@@ -62,11 +62,11 @@ IMAGE_LABEL = (("image", "image"), ("label", "label"))
 
 def _image_repo(num_labels: int, splits: Tuple[str, ...], source: str, *,
                 subset: str = "default", columns=IMAGE_LABEL, **kwargs) -> DatasetRepo:
+    """One configuration; its files under data/ (the default one) or under its own name."""
+    folder = "data" if subset == "default" else "{config}"
     return DatasetRepo({subset: Subset(splits, columns, num_labels)},
-                       data_files=kwargs.pop("data_files", (
-                           "data/{split}-00000-of-00001.parquet" if subset == "default"
-                           else "{config}/{split}-00000-of-00001.parquet")),
-                       source=source, **kwargs)
+                       data_files=folder + "/{split}-00000-of-00001.parquet", source=source,
+                       **kwargs)
 
 
 FB_TEST = "FB:fusion_bench_config/dataset/image_classification/test/{task}.yaml"
