@@ -155,8 +155,10 @@ def test_normalised_row_divides_by_the_reference_per_task():
 def test_seeded_row_is_mean_and_sample_std():
     from fusion_bench_ace.compare.tables import seeded_row
 
-    reports = [{"a": {"accuracy": v}, "b": {"accuracy": w}} for v, w in ((0.5, 0.7), (0.6, 0.9), (0.7, 0.8))]
-    stats = [{"merge_seconds": s, "peak_rss_mib": m} for s, m in ((1.0, 10.0), (2.0, 30.0), (3.0, 20.0))]
+    values = ((0.5, 0.7), (0.6, 0.9), (0.7, 0.8))
+    reports = [{"a": {"accuracy": v}, "b": {"accuracy": w}} for v, w in values]
+    costs = ((1.0, 10.0), (2.0, 30.0), (3.0, 20.0))
+    stats = [{"merge_seconds": s, "peak_rss_mib": m} for s, m in costs]
     row = seeded_row("symerge", reports, stats, ["a", "b"], setting="seeds 0,1,2")
     assert row.scores == {"a": pytest.approx(60.0), "b": pytest.approx(80.0)}
     assert row.stds == {"a": pytest.approx(10.0), "b": pytest.approx(10.0)}
@@ -186,10 +188,12 @@ def test_seeded_rows_are_read_from_the_multirun_jobs(tmp_path):
 
 def test_tuned_methods_need_validation_data():
     spec = load_benchmark("mini_clip")
-    assert "validation" not in spec  # until the CLIP track has a validation split
+    assert resolve_methods(spec, ["task_arithmetic_tuned"])
+    del spec["validation"]
     with pytest.raises(ValueError, match="validation data"):
         resolve_methods(spec, ["task_arithmetic_tuned"])
-    assert resolve_methods(load_benchmark("mini_gpt2"), ["task_arithmetic_tuned"])
+    for name in available_benchmarks():  # every benchmark offers the tuned rows
+        assert resolve_methods(load_benchmark(name), ["ties_merging_tuned"])
 
 
 def test_tuned_lambda_is_chosen_on_validation_data_only(reduced_gpt2_env, tmp_path):

@@ -286,7 +286,7 @@ def test_without_a_local_copy_the_hub_id_is_kept(tmp_path):
         assert _hf_repo("nyu-mll/glue") == str(tmp_path / "nyu-mll" / "glue")
 
 
-# --- (b) our GLUE pieces on the RoBERTa / GPT-2 stand-ins ------------------------------------------
+# --- (b) our GLUE pieces on the RoBERTa / GPT-2 stand-ins ----------------------------------------
 # (the benchmarks themselves run end to end in test_rehearsals.py)
 
 
@@ -301,7 +301,7 @@ def glue_standins(tmp_path_factory):
 
 
 def test_an_experts_own_backbone_reproduces_the_fine_tuned_classifier(glue_standins):
-    """The `individual` diagonal: expert t's backbone + task t's head = the fine-tuned model itself."""
+    """The `individual` diagonal: expert t's backbone + task t's head = the fine-tuned model."""
     import torch
     from omegaconf import OmegaConf
     from transformers import AutoModelForSequenceClassification, RobertaModel
@@ -377,7 +377,8 @@ def test_validation_rows_are_held_out_of_train_as_fusion_bench_draws_them(glue_s
     with pytest.raises(ValueError, match="fraction"):
         holdout(data, 1.5, 0)
     glue = str(glue_standins / "nyu-mll" / "glue")
-    held_out = load_glue_split("rte", path=glue, validation={"split": "train", "fraction": 0.1, "seed": 0})
+    validation = {"split": "train", "fraction": 0.1, "seed": 0}
+    held_out = load_glue_split("rte", path=glue, validation=validation)
     train = load_glue_split("rte", "train", path=glue)
     assert len(held_out) == 1 and held_out[0] in [train[i] for i in range(len(train))]
     with pytest.raises(ValueError, match="missing"):

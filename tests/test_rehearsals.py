@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import patched_environ
 from fusion_bench_ace.compare import available_benchmarks, load_benchmark
 from fusion_bench_ace.rehearsal import requirements
 from fusion_bench_ace.rehearsal.__main__ import main as rehearsal_main
 from fusion_bench_ace.rehearsal.facts import DATASETS, dataset_repo, model_repo
+
+from conftest import patched_environ
 
 PAPER_BENCHMARKS = sorted(n for n in available_benchmarks() if load_benchmark(n).get("paper"))
 REPRESENTATIVE_METHODS = {

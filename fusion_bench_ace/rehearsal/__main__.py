@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.rehearsal",
                                      description=__doc__)
     parser.add_argument("benchmark")
-    parser.add_argument("--methods", help="comma-separated; default: the benchmark's default_methods")
+    parser.add_argument("--methods",
+                        help="comma-separated; default: the benchmark's default_methods")
     parser.add_argument("--root", type=Path, help="where the stand-ins go (kept); default: a "
                         "temporary directory, removed afterwards")
     parser.add_argument("--out", type=Path, help="default: outputs/rehearsal/<benchmark>")

@@ -94,7 +94,6 @@ def openai_image_encoder(model_name: str) -> _fb.ImageEncoder:
     """FusionBench's ``ImageEncoder(model_name)`` as OpenAI's CLIP is built (QuickGELU where its
     ``openai`` weights use it), without downloading weights; the caller loads them."""
     import open_clip
-
     from fusion_bench.models.open_clip.variables_and_paths import MODELS
 
     if model_name not in MODELS:
