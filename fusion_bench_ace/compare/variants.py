@@ -5,8 +5,10 @@
   *validation* data (its ``validation:`` overrides switch the task pool to held-out data, never
   the test data), the value with the best average validation score is kept, and the method runs
   once more with it on the test data. The row records the chosen value; ``tuning.json`` the sweep.
-- **Over seeds** (``seeds:`` in a benchmark file): a method with randomness runs once per seed;
-  the row is the mean ± sample standard deviation (SyMerge reports seeds).
+- **Over the method's seeds** (``method_seeds:`` in a benchmark file): a method with randomness
+  runs once per seed of its own; the row is the mean ± sample standard deviation (SyMerge reports
+  seeds). Not to be confused with ``compare run --seeds`` (:mod:`.seeds`), which rebuilds an
+  embedded track from other seeds.
 
 Both sweeps are one Hydra multirun each (``fusion_bench -m``), every job in its own directory.
 """
@@ -93,7 +95,7 @@ def run_tuned(name: str, spec: dict, log_dir: Path, metric: str = "accuracy") ->
 
 
 def run_seeded(name: str, spec: dict, log_dir: Path, metric: str = "accuracy") -> VariantResult:
-    seeds = spec["seeds"][name]
+    seeds = spec["method_seeds"][name]
     parameter, values = seeds["parameter"], list(seeds["values"])
     code, jobs = _multirun([*spec["overrides"], *spec["methods"][name]], parameter, values,
                            log_dir)
@@ -117,7 +119,7 @@ def run_entry(name: str, spec: dict, log_dir: Path, metric: str = "accuracy") ->
     """One comparison entry: tuned, over seeds, or a single run of the method."""
     if name in spec.get("tuned", {}):
         return run_tuned(name, spec, log_dir, metric)
-    if name in spec.get("seeds", {}):
+    if name in spec.get("method_seeds", {}):
         return run_seeded(name, spec, log_dir, metric)
     result: RunResult = run_method(name, [*spec["overrides"], *spec["methods"][name]], log_dir)
     if not result.ok:

@@ -34,8 +34,8 @@ class Requirements:
 def pool_overrides(spec: dict) -> List[str]:
     """``modelpool=...``/``taskpool=...`` options of the benchmark and of its methods."""
     options = [o for o in spec["overrides"] if o.split("=")[0] in ("modelpool", "taskpool")]
-    for method in spec["default_methods"]:
-        options += [o for o in spec["methods"][method]
+    for method in spec["default_methods"]:  # (tuned methods add no pool of their own)
+        options += [o for o in spec["methods"].get(method, [])
                     if o.split("=")[0] in ("modelpool", "taskpool") and o not in options]
     return options
 
