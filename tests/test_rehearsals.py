@@ -154,11 +154,11 @@ def test_image_label_counts_are_fusion_benchs_class_counts(tmp_path):
     from fusion_bench.tasks.clip_classification import get_num_classes
     from omegaconf import OmegaConf
 
-    from hydra_plugins.fusion_bench_ace_searchpath import ace_config_dir
+    from fusion_bench_ace.paths import config_dir
 
     checked = set()
     pool = OmegaConf.to_container(OmegaConf.load(
-        Path(ace_config_dir()) / "taskpool" / "ace_paper" / "clip-vit-base-patch32_TALL20.yaml"))
+        config_dir() / "taskpool" / "ace_paper" / "clip-vit-base-patch32_TALL20.yaml"))
     for task, entry in pool["test_datasets"].items():
         repo_id = re.search(r"\$\{ace_hf:([^}]+)\}", entry["path"]).group(1)
         facts = dataset_repo(repo_id)

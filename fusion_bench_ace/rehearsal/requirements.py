@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Tuple
 from omegaconf import OmegaConf
 
 from ..environ import patched_environ
+from ..paths import config_dir
 from .facts import DATASETS
 
 OPENCLIP_ENV = "FUSION_BENCH_ACE_OPENCLIP_DIR"
@@ -57,19 +58,17 @@ def _recording_ace_hf(ids: List[str]) -> Iterator[None]:
 
 
 def requirements(benchmark: str, openclip_dir: Path) -> Requirements:
-    from hydra_plugins.fusion_bench_ace_searchpath import ace_config_dir
-
     from ..compare import load_benchmark
 
     spec = load_benchmark(benchmark)
-    config_dir = Path(ace_config_dir())
+    configs = config_dir()
     ids: List[str] = []
     found = Requirements()
     with patched_environ({OPENCLIP_ENV: str(openclip_dir)}), _recording_ace_hf(ids):
         for option in pool_overrides(spec):
             group, _, name = option.partition("=")
             config = OmegaConf.create({"fast_dev_run": False,
-                                       group: OmegaConf.load(config_dir / group / f"{name}.yaml")})
+                                       group: OmegaConf.load(configs / group / f"{name}.yaml")})
             resolved = OmegaConf.to_container(config, resolve=True)[group]
             _collect_openclip(resolved, found)
     found.datasets = [i for i in ids if i in DATASETS]
