@@ -1,24 +1,25 @@
 """Shared fixtures: the reduced embedded benchmark, built once per test session."""
 
-import contextlib
-import os
 from pathlib import Path
 
 import pytest
 
+from fusion_bench_ace.environ import patched_environ  # noqa: F401 (tests import it from here)
 
-@contextlib.contextmanager
-def patched_environ(values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "rehearsal: every paper benchmark end to end on stand-ins, every default "
+        "method (slow; deselected unless -m selects it, e.g. pytest -m rehearsal)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.option.markexpr:  # an explicit -m decides
+        return
+    kept = [item for item in items if item.get_closest_marker("rehearsal") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 def _reduced_track_env(track, tmp_path_factory):

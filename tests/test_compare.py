@@ -1,7 +1,9 @@
 """The comparison runner end to end on the reduced embedded CLIP benchmark."""
 
 import csv
+import io
 import json
+import statistics
 
 import pytest
 
@@ -13,7 +15,7 @@ from fusion_bench_ace.compare import (
     run_comparison,
     run_sweep,
 )
-from fusion_bench_ace.compare.tables import Row, markdown_table, scores_from_report
+from fusion_bench_ace.compare.tables import Row, csv_table, markdown_table, scores_from_report
 
 from conftest import patched_environ
 
@@ -129,3 +131,89 @@ def test_seeds_give_one_comparison_each_and_their_spread(reduced_clip_env, tmp_p
         run_comparison("mini_clip", ["pretrained"], run_dir / "seed_3", ["run"],
                        log=messages.append)
     assert any("is not the one" in str(m) for m in messages)
+
+
+# --- the tables' own metrics: normalisation, seeds, tuning on validation --------------------------
+
+
+def test_normalised_row_divides_by_the_reference_per_task():
+    from fusion_bench_ace.compare.tables import normalised_row, reference_scores
+
+    individual = {"a": {"a": {"score": 0.8}, "b": {"score": 0.1}},
+                  "b": {"a": {"score": 0.5}, "b": {"score": -0.2}}}
+    reference = reference_scores(individual, ["a", "b"], "score")
+    assert reference == {"a": pytest.approx(80.0), "b": pytest.approx(-20.0)}
+    row = Row("ta", {"a": 40.0, "b": 10.0}, 25.0, merge_seconds=1.5, stds={"a": 4.0, "b": 1.0})
+    normalised = normalised_row(row, reference, ["a", "b"])
+    assert normalised.scale == "normalised" and normalised.merge_seconds == 1.5
+    assert normalised.scores == {"a": pytest.approx(50.0), "b": None}  # no ratio to a score <= 0
+    assert normalised.average is None and normalised.stds["a"] == pytest.approx(5.0)
+    # ACE Table 9 style: task b normalised by expert a's score on b
+    assert reference_scores(individual, ["b"], "score", {"b": "a"}) == {"b": pytest.approx(10.0)}
+
+
+def test_seeded_row_is_mean_and_sample_std():
+    from fusion_bench_ace.compare.tables import seeded_row
+
+    values = ((0.5, 0.7), (0.6, 0.9), (0.7, 0.8))
+    reports = [{"a": {"accuracy": v}, "b": {"accuracy": w}} for v, w in values]
+    costs = ((1.0, 10.0), (2.0, 30.0), (3.0, 20.0))
+    stats = [{"merge_seconds": s, "peak_rss_mib": m} for s, m in costs]
+    row = seeded_row("symerge", reports, stats, ["a", "b"], setting="seeds 0,1,2")
+    assert row.scores == {"a": pytest.approx(60.0), "b": pytest.approx(80.0)}
+    assert row.stds == {"a": pytest.approx(10.0), "b": pytest.approx(10.0)}
+    assert row.average == pytest.approx(70.0)
+    assert row.average_std == pytest.approx(statistics.stdev([60.0, 75.0, 75.0]))
+    assert row.merge_seconds == pytest.approx(2.0) and row.peak_rss_mib == 30.0
+    table = markdown_table([row], ["a", "b"])
+    assert "| symerge (seeds 0,1,2) | 60.0 ± 10.0 | 80.0 ± 10.0 | 70.0 ± 8.7 |" in table
+    lines = list(csv.DictReader(io.StringIO(csv_table([row, Row("x", {"a": 1.0, "b": 2.0}, 1.5)],
+                                                      ["a", "b"]))))
+    assert lines[0]["std_a"] == "10.0000" and lines[1]["std_a"] == "" and lines[0]["scale"] == "raw"
+
+
+def test_seeded_rows_are_read_from_the_multirun_jobs(tmp_path):
+    from fusion_bench_ace.compare.variants import seeded_from_jobs
+
+    jobs = []
+    for i, accuracy in enumerate((0.25, 0.75)):
+        job = tmp_path / str(i)
+        job.mkdir()
+        (job / "program_report.json").write_text(json.dumps({"a": {"accuracy": accuracy}}))
+        (job / "merge_stats.json").write_text(json.dumps({"merge_seconds": 1.0 + i}))
+        jobs.append(job)
+    row = seeded_from_jobs("m", jobs, ["a"], "accuracy", "seeds")
+    assert row.scores["a"] == pytest.approx(50.0) and row.stds["a"] == pytest.approx(35.355339)
+
+
+def test_tuned_methods_need_validation_data():
+    spec = load_benchmark("mini_clip")
+    assert resolve_methods(spec, ["task_arithmetic_tuned"])
+    del spec["validation"]
+    with pytest.raises(ValueError, match="validation data"):
+        resolve_methods(spec, ["task_arithmetic_tuned"])
+    for name in available_benchmarks():  # every benchmark offers the tuned rows
+        assert resolve_methods(load_benchmark(name), ["ties_merging_tuned"])
+
+
+def test_tuned_lambda_is_chosen_on_validation_data_only(reduced_gpt2_env, tmp_path):
+    """Every validation job evaluates the track's validation split; the test run uses the best
+    value; the table says which."""
+    from fusion_bench_ace.compare.variants import run_tuned
+
+    spec = load_benchmark("mini_gpt2")
+    spec["tuned"]["task_arithmetic_tuned"]["grid"] = [0.1, 1.0]  # two jobs keep the test short
+    with patched_environ(reduced_gpt2_env):
+        result = run_tuned("task_arithmetic_tuned", spec, tmp_path / "tuned")
+    assert result.ok
+    tuning = json.loads((tmp_path / "tuned" / "tuning.json").read_text())
+    averages = tuning["validation_average"]
+    assert set(averages) == {"0.1", "1.0"} and all(v is not None for v in averages.values())
+    assert averages[str(tuning["chosen"])] == max(averages.values())
+    for job in (tmp_path / "tuned" / "validation" / "jobs").iterdir():
+        if job.is_dir():
+            assert "taskpool._split=validation" in (job / "overrides.yaml").read_text()
+    command = (tmp_path / "tuned" / "command.txt").read_text()
+    assert f"method.scaling_factor={tuning['chosen']}" in command and "_split" not in command
+    assert result.row.setting == f"method.scaling_factor={tuning['chosen']}, tuned on validation"
+    assert all(v is not None for v in result.row.scores.values())

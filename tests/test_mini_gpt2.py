@@ -33,16 +33,19 @@ def run_cli(args, env, cwd):
 @pytest.mark.parametrize("name", list(TASKS))
 def test_splits_are_deterministic_balanced_and_disjoint(name):
     task = TASKS[name]
-    train, test = make_splits(task, 0, 60, 40)
-    again = make_splits(task, 0, 60, 40)
-    other = make_splits(task, 1, 60, 40)
-    assert (train, test) == again
-    assert (train, test) != other
-    assert len(train) == 60 and len(test) == 40
-    for split in (train, test):
+    train, test, validation = make_splits(task, 0, 60, 40, 20)
+    again = make_splits(task, 0, 60, 40, 20)
+    other = make_splits(task, 1, 60, 40, 20)
+    assert (train, test, validation) == again
+    assert (train, test, validation) != other
+    assert len(train) == 60 and len(test) == 40 and len(validation) == 20
+    for split in (train, test, validation):
         counts = [sum(e.label == label for e in split) for label in range(task.num_labels)]
         assert max(counts) - min(counts) <= 1
-    assert not {e.text for e in train} & {e.text for e in test}
+    texts = [{e.text for e in split} for split in (train, test, validation)]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
+    # adding a validation split leaves train and test as they were
+    assert make_splits(task, 0, 60, 40)[:2] == (train, test)
 
 
 def test_pretraining_corpus_is_deterministic():
@@ -62,7 +65,8 @@ def test_reduced_build_is_complete(reduced_gpt2_env):
     assert (root / "pretrained" / "model.safetensors").is_file()
     for task in TASKS:
         assert (root / "experts" / task / "model.safetensors").is_file()
-        assert (root / "data" / task / "test" / "dataset_info.json").is_file()
+        for split in ("train", "test", "validation"):
+            assert (root / "data" / task / split / "dataset_info.json").is_file()
     assert set(json.loads((root / "tasks.json").read_text())) == set(TASKS)
 
 

@@ -3,9 +3,9 @@
 (a) every paper benchmark's ``fusion_bench`` command composes (``--cfg job --resolve``) for each of
     its default methods, every ``_target_`` imports, and ``${ace_hf:...}`` turns every hub id into
     the local copy under ``FUSION_BENCH_ACE_HF_ROOT`` when one is there;
-(b) the RoBERTa benchmark runs end to end through the real CLI (the comparison runner) on a tiny
-    random RoBERTa laid out as the configs expect (hub ids -> local copies), with ACE's RoBERTa-Base
-    preset and FusionBench's Task Arithmetic;
+(b) our GLUE task pool's pieces (an expert's own backbone reproduces it; GPT-2 GLUE tokenized as
+    FusionBench does) on the stand-ins of fusion_bench_ace.rehearsal (the benchmarks themselves run
+    end to end in test_rehearsals.py);
 (c) ``paper_numbers.yaml`` matches the benchmarks' task lists and the tables of docs/comparisons.md,
     and each printed average re-computes from its cells except the documented inconsistencies.
 """
@@ -29,7 +29,6 @@ from fusion_bench_ace.compare import (
     load_benchmark,
     paper_rows,
     resolve_methods,
-    run_comparison,
 )
 
 from conftest import patched_environ
@@ -287,183 +286,21 @@ def test_without_a_local_copy_the_hub_id_is_kept(tmp_path):
         assert _hf_repo("nyu-mll/glue") == str(tmp_path / "nyu-mll" / "glue")
 
 
-# --- (b) RoBERTa end to end -----------------------------------------------------------------------
-
-SENTENCES = [
-    "the film was a delight",
-    "a dull and tired plot",
-    "he said that she left early",
-    "the cat sat on the mat",
-    "markets fell sharply today",
-    "a stunning, moving story",
-    "why is the sky blue",
-    "the sky looks blue because of scattering",
-    "two men are playing guitar",
-    "a man plays a guitar",
-    "this is not acceptable grammar is",
-    "rain is expected tomorrow",
-]
-PAIR_COLUMNS = {
-    "mrpc": ("sentence1", "sentence2"),
-    "stsb": ("sentence1", "sentence2"),
-    "rte": ("sentence1", "sentence2"),
-    "qqp": ("question1", "question2"),
-    "qnli": ("question", "sentence"),
-    "mnli": ("premise", "hypothesis"),
-}
-NUM_LABELS = {"cola": 2, "sst2": 2, "mrpc": 2, "stsb": 1, "qqp": 2, "qnli": 2, "mnli": 3, "rte": 2}
-SCALES = {
-    "cola": 3e-2,
-    "sst2": 1e-3,
-    "mrpc": 1e-2,
-    "stsb": 5e-3,
-    "qqp": 2e-2,
-    "qnli": 1e-4,
-    "mnli": 1e-2,
-    "rte": 3e-3,
-}
-
-
-def write_fake_glue(root: Path, rows: int = 12) -> None:
-    """nyu-mll/glue's eight tasks (validation split; MNLI validation_matched), saved to disk."""
-    from datasets import Dataset, DatasetDict
-
-    for i, task in enumerate(RB_TASKS):
-        columns = {"idx": list(range(rows))}
-        if task in PAIR_COLUMNS:
-            a, b = PAIR_COLUMNS[task]
-            columns[a] = [SENTENCES[(j + i) % len(SENTENCES)] for j in range(rows)]
-            columns[b] = [SENTENCES[(j * 5 + i + 1) % len(SENTENCES)] for j in range(rows)]
-        else:
-            columns["sentence"] = [SENTENCES[(j + i) % len(SENTENCES)] for j in range(rows)]
-        columns["label"] = (
-            [round(0.4 * j, 2) for j in range(rows)]
-            if task == "stsb"
-            else [j % NUM_LABELS[task] for j in range(rows)]
-        )
-        split = "validation_matched" if task == "mnli" else "validation"
-        DatasetDict({split: Dataset.from_dict(columns)}).save_to_disk(
-            str(root / "nyu-mll" / "glue" / task)
-        )
-
-
-def write_tiny_roberta(root: Path, expert_prefix: str, seed: int = 0) -> None:
-    """A random RoBERTa 'FacebookAI/roberta-base' and eight fine-tuned-looking GLUE experts."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import (
-        RobertaConfig,
-        RobertaForSequenceClassification,
-        RobertaModel,
-        RobertaTokenizerFast,
-    )
-
-    torch.manual_seed(seed)
-    base_dir = root / "FacebookAI" / "roberta-base"
-    base_dir.mkdir(parents=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        SENTENCES * 4,
-        vocab_size=320,
-        min_frequency=1,
-        show_progress=False,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-    )
-    bpe.save_model(str(base_dir))
-    tokenizer = RobertaTokenizerFast(
-        vocab_file=str(base_dir / "vocab.json"),
-        merges_file=str(base_dir / "merges.txt"),
-        model_max_length=64,
-    )
-    tokenizer.save_pretrained(base_dir)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=80,
-        type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    base = RobertaModel(config, add_pooling_layer=False).eval()
-    base.save_pretrained(base_dir)
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
-    for task in RB_TASKS:
-        expert = RobertaForSequenceClassification(
-            RobertaConfig(**settings, num_labels=NUM_LABELS[task])
-        ).eval()
-        backbone = {k: v + SCALES[task] * torch.randn_like(v) for k, v in base.state_dict().items()}
-        expert.roberta.load_state_dict(backbone)
-        expert.save_pretrained(root / f"{expert_prefix}{task}")
+# --- (b) our GLUE pieces on the RoBERTa / GPT-2 stand-ins ----------------------------------------
+# (the benchmarks themselves run end to end in test_rehearsals.py)
 
 
 @pytest.fixture(scope="module")
-def tiny_roberta_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_root")
-    pool = yaml.safe_load(
-        (CONFIG / "modelpool" / "ace_paper" / "roberta-base_glue8.yaml").read_text()
-    )
-    write_tiny_roberta(root, pool["expert_prefix"])
-    write_fake_glue(root)
-    return {
-        "FUSION_BENCH_ACE_HF_ROOT": str(root),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+def glue_standins(tmp_path_factory):
+    """Stand-ins of the RoBERTa and GPT-2 benchmarks' repositories (fusion_bench_ace.rehearsal)."""
+    from fusion_bench_ace.rehearsal import build_standins
+
+    root = tmp_path_factory.mktemp("standins")
+    build_standins("gpt2_glue7", root)
+    return Path(build_standins("roberta_base_glue8", root)["FUSION_BENCH_ACE_HF_ROOT"])
 
 
-METRIC_KEYS = {
-    "cola": {"accuracy", "matthews_correlation"},
-    "stsb": {"pearson", "spearmanr"},
-    "mrpc": {"accuracy", "f1"},
-    "qqp": {"accuracy", "f1"},
-}
-
-
-def test_roberta_benchmark_end_to_end_with_ace_and_task_arithmetic(tiny_roberta_env, tmp_path):
-    out = tmp_path / "roberta_base_glue8"
-    with patched_environ(tiny_roberta_env):
-        run_dir = run_comparison(
-            "roberta_base_glue8", ["ace", "task_arithmetic"], out, ["run"], log=lambda *_: None
-        )
-    for method in ("ace", "task_arithmetic"):
-        report = json.loads((run_dir / "runs" / method / "program_report.json").read_text())
-        assert [t for t in report if t in RB_TASKS] == RB_TASKS, method
-        for task in RB_TASKS:
-            result = report[task]
-            expected = METRIC_KEYS.get(task, {"accuracy"}) | {"score", "loss", "num_samples"}
-            assert expected <= set(result), (method, task, result)
-            assert result["num_samples"] == 12
-            assert -1.0 <= result["score"] <= 1.0
-        assert report["average"]["score"] == pytest.approx(
-            sum(report[t]["score"] for t in RB_TASKS) / 8
-        )
-    command = (run_dir / "runs" / "ace" / "command.txt").read_text()
-    assert (
-        "method=ace_roberta_base method.device=auto" in command
-        and "modelpool=ace_paper/roberta-base_glue8" in command
-    )
-    # the RoBERTa preset merges only the encoder's weight matrices (embeddings, LayerNorms and
-    # biases kept)
-    layers = json.loads((run_dir / "runs" / "ace" / "ace_diagnostics.json").read_text())["layers"]
-    assert layers and all(
-        re.match(r"encoder\.layer\.\d+\..*weight$", row["name"]) for row in layers
-    )
-    assert {row["name"] for row in layers} >= {
-        "encoder.layer.0.attention.self.query.weight",
-        "encoder.layer.1.output.dense.weight",
-    }
-    # the paper's Table 3 comes along with the table
-    table = (run_dir / "table.md").read_text()
-    assert "ACE-Merging *(ACE-Merging Table 3 (normalised %))*" in table
-
-
-def test_an_experts_own_backbone_reproduces_the_fine_tuned_classifier(tiny_roberta_env):
+def test_an_experts_own_backbone_reproduces_the_fine_tuned_classifier(glue_standins):
     """The `individual` diagonal: expert t's backbone + task t's head = the fine-tuned model."""
     import torch
     from omegaconf import OmegaConf
@@ -471,7 +308,7 @@ def test_an_experts_own_backbone_reproduces_the_fine_tuned_classifier(tiny_rober
 
     from fusion_bench_ace.taskpools.glue import GLUESequenceClassificationTaskPool, load_glue_split
 
-    root = Path(tiny_roberta_env["FUSION_BENCH_ACE_HF_ROOT"])
+    root = glue_standins
     pool_config = yaml.safe_load(
         (CONFIG / "modelpool" / "ace_paper" / "roberta-base_glue8.yaml").read_text()
     )
@@ -500,9 +337,8 @@ def test_an_experts_own_backbone_reproduces_the_fine_tuned_classifier(tiny_rober
     )
     with torch.no_grad():
         torch.testing.assert_close(combined(**batch).logits, reference(**batch).logits)
-    assert (
-        len(load_glue_split("mnli", path=str(root / "nyu-mll" / "glue"))) == 12
-    )  # validation_matched
+    mnli = load_glue_split("mnli", path=str(root / "nyu-mll" / "glue"))  # validation_matched
+    assert len(mnli) == 3 and set(mnli.column_names) == {"premise", "hypothesis", "label", "idx"}
     with pytest.raises(ValueError, match="3 labels"):
         pool._classifiers = OmegaConf.create(
             {"stsb": str(root / f"{pool_config['expert_prefix']}mnli")}
@@ -527,31 +363,41 @@ def test_glue_metrics():
     assert glue_metrics("mnli", [[0, 0, 1.0]], [2]) == {"accuracy": 1.0, "score": 1.0}
 
 
-def test_gpt2_glue_is_tokenized_as_fusion_bench_does(tiny_roberta_env, tmp_path):
+def test_validation_rows_are_held_out_of_train_as_fusion_bench_draws_them(glue_standins):
+    from datasets import Dataset
+    from fusion_bench.utils.data import train_validation_split
+
+    from fusion_bench_ace.taskpools.data import holdout
+    from fusion_bench_ace.taskpools.glue import load_glue_split
+
+    data = Dataset.from_dict({"x": list(range(50))})
+    theirs = train_validation_split(data, 0.1, None, 0, "val")  # FusionBench's val configs
+    assert holdout(data, 0.1, 0)["x"] == [data[i]["x"] for i in theirs.indices] and len(theirs) == 5
+    assert len(holdout(Dataset.from_dict({"x": [1, 2, 3]}), 0.1, 0)) == 1  # at least one row
+    with pytest.raises(ValueError, match="fraction"):
+        holdout(data, 1.5, 0)
+    glue = str(glue_standins / "nyu-mll" / "glue")
+    validation = {"split": "train", "fraction": 0.1, "seed": 0}
+    held_out = load_glue_split("rte", path=glue, validation=validation)
+    train = load_glue_split("rte", "train", path=glue)
+    assert len(held_out) == 1 and held_out[0] in [train[i] for i in range(len(train))]
+    with pytest.raises(ValueError, match="missing"):
+        load_glue_split("rte", path=glue, validation={"split": "train"})
+
+
+def test_gpt2_glue_is_tokenized_as_fusion_bench_does(glue_standins):
     from fusion_bench.dataset.gpt2_glue import mrpc_tokenize_function
-    from tokenizers import ByteLevelBPETokenizer
 
     from fusion_bench_ace.taskpools.data import load_hf_dataset
     from fusion_bench_ace.taskpools.glue import _gpt2_tokenizer, load_gpt2_glue
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        SENTENCES,
-        vocab_size=300,
-        min_frequency=1,
-        show_progress=False,
-        special_tokens=["<|endoftext|>"],
-    )
-    bpe.save_model(str(tmp_path))
-    glue = str(Path(tiny_roberta_env["FUSION_BENCH_ACE_HF_ROOT"]) / "nyu-mll" / "glue")
-    ours = load_gpt2_glue("rte", "validation", path=glue, tokenizer=str(tmp_path))
+    glue = str(glue_standins / "nyu-mll" / "glue")
+    gpt2 = str(glue_standins / "openai-community" / "gpt2")
+    ours = load_gpt2_glue("rte", "validation", path=glue, tokenizer=gpt2)
     raw = load_hf_dataset(glue, split="validation", name="rte")
-    tokenizer = _gpt2_tokenizer(str(tmp_path))
-    theirs = raw.map(
-        lambda b: mrpc_tokenize_function(b, tokenizer),
-        batched=True,
-        remove_columns=["sentence1", "sentence2"],
-    )
+    tokenizer = _gpt2_tokenizer(gpt2)
+    theirs = raw.map(lambda b: mrpc_tokenize_function(b, tokenizer), batched=True,
+                     remove_columns=["sentence1", "sentence2"])
     assert ours.column_names == theirs.column_names and "label" in ours.column_names
     assert ours["input_ids"] == theirs["input_ids"] and len(ours[0]["input_ids"]) == 512
 
@@ -727,6 +573,9 @@ def test_openclip_pool_reads_the_task_vectors_layout(tmp_path, monkeypatch):
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
     assert pool._test_processor is loaded.val_preprocess  # what the task pool will use
+    # OpenAI's activation (the checkpoints are fine-tuned OpenAI CLIPs), not open_clip's GELU
+    activations = {type(m).__name__ for m in loaded.modules() if type(m).__name__.endswith("GELU")}
+    assert activations == {"QuickGELU"}
     head = pool.load_classification_head("sun397")
     logits = ImageClassifier(loaded, head)(torch.zeros(1, 3, 224, 224))
     assert logits.shape == (1, 397)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import yaml
 
 from ..paths import config_dir
-from .tables import Row, mean_or_none
+from .tables import RAW, Row, mean_or_none
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 
@@ -33,19 +33,27 @@ def load_benchmark(name: str) -> dict:
             f"unknown benchmark {name!r}; available: {', '.join(available_benchmarks())}"
         )
     spec = yaml.safe_load(path.read_text())
-    methods = yaml.safe_load((compare_config_dir() / "_methods.yaml").read_text())["methods"]
-    spec["methods"] = {**methods, **(spec.get("methods") or {})}
+    shared = yaml.safe_load((compare_config_dir() / "_methods.yaml").read_text())
+    spec["methods"] = {**shared["methods"], **(spec.get("methods") or {})}
+    spec["tuned"] = {**shared.get("tuned", {}), **(spec.get("tuned") or {})}
     spec["name"] = name
     return spec
 
 
 def resolve_methods(spec: dict, requested: Optional[Sequence[str]]) -> List[str]:
     names = list(requested) if requested else list(spec["default_methods"])
-    unknown = [m for m in names if m not in spec["methods"]]
+    known = [*spec["methods"], *spec.get("tuned", {})]
+    unknown = [m for m in names if m not in known]
     if unknown:
         raise ValueError(
             f"unknown method(s) {unknown} for benchmark {spec['name']!r}; "
-            f"available: {', '.join(spec['methods'])}"
+            f"available: {', '.join(known)}"
+        )
+    tuned = [m for m in names if m in spec.get("tuned", {})]
+    if tuned and not spec.get("validation"):
+        raise ValueError(
+            f"{tuned} tune on validation data, which benchmark {spec['name']!r} does not "
+            "define (no `validation:` overrides in its config/compare file)"
         )
     return names
 
@@ -67,6 +75,7 @@ def paper_rows(spec: dict) -> List[Row]:
                 scores=scores,
                 average=average,
                 source=entry.get("source", table["source"]),
+                scale=spec.get("paper_scale", RAW),
             )
         )
     return rows

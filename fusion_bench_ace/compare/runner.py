@@ -12,6 +12,7 @@ import datetime as _dt
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -26,8 +27,21 @@ from .benchmarks import (
     track_manifest,
 )
 from .diagnostics import write_diagnostics
-from .runs import RunResult, log_tail, run_fusion_bench, run_method, sweep_jobs
-from .tables import Row, bar_plot, csv_table, heatmap, markdown_table, measured_row
+from .runs import log_tail, run_fusion_bench, sweep_jobs
+from .tables import (
+    INDIVIDUAL,
+    NORMALISED,
+    RAW,
+    Row,
+    bar_plot,
+    csv_table,
+    heatmap,
+    markdown_table,
+    measured_row,
+    normalised_row,
+    reference_scores,
+)
+from .variants import VariantResult, run_entry
 
 # --- output directories ---------------------------------------------------------------------------
 
@@ -64,27 +78,32 @@ def run_comparison(
 ) -> Path:
     spec = load_benchmark(benchmark)
     names = resolve_methods(spec, methods)
+    metric = spec.get("metric", "accuracy")
     _prepare(spec, log)
     warning = track_change_warning(spec, out / "latest" / "provenance.json")
     if warning:
         log(warning)
     run_dir = new_run_dir(out)
     log(f"[compare] {benchmark}: {len(names)} methods -> {run_dir}")
-    rows, failures = [], []
+    rows, failures, individual = [], [], None
     for name in names:
-        result = run_method(name, [*spec["overrides"], *spec["methods"][name]],
-                            run_dir / "runs" / name)
-        status = "ok" if result.ok else f"FAILED (exit {result.returncode})"
-        log(f"[compare]   {name:<22} {status} in {result.seconds:.0f} s")
+        start = time.perf_counter()
+        result = run_entry(name, spec, run_dir / "runs" / name, metric)
+        status = "ok" if result.ok else "FAILED"
+        log(f"[compare]   {name:<22} {status} in {time.perf_counter() - start:.0f} s")
         if result.ok:
-            rows.append(measured_row(name, result.report, result.merge_stats, spec["tasks"]))
+            rows.append(result.row)
+            if name == INDIVIDUAL:
+                individual = result.report
             diagnostics = result.log_dir / "ace_diagnostics.json"
             if diagnostics.is_file():  # gamma per layer and spectra of the ACE run
                 write_diagnostics(diagnostics, run_dir / "diagnostics" / name,
                                   f"{benchmark}: {name} diagnostics")
         else:
             failures.append(result)
-            log(log_tail(result.log_dir))
+            for directory in result.failed:
+                log(log_tail(directory))
+    rows += normalised_rows(spec, rows, individual, log)
     rows += paper_rows(spec)
     _write_tables(run_dir, spec, rows, argv, failures)
     point_latest(out, run_dir)
@@ -93,6 +112,23 @@ def run_comparison(
         raise RuntimeError(f"{len(failures)} method(s) failed: {[f.method for f in failures]}; "
                            f"see {run_dir}/runs/<method>/fusion_bench.log")
     return run_dir
+
+
+def normalised_rows(spec: dict, rows: List[Row], individual: Optional[dict], log=print
+                    ) -> List[Row]:
+    """With ``normalize: individual`` (or ``{individual: {task: expert}}``, ACE Table 9 style),
+    every measured row again as percent of the reference expert's score on each task."""
+    how = spec.get("normalize")
+    if not how:
+        return []
+    expert_of = how.get(INDIVIDUAL) if isinstance(how, dict) else None
+    if individual is None:
+        log("[compare] normalised scores need the `individual` run; not computed")
+        return []
+    reference = reference_scores(individual, spec["tasks"], spec.get("metric", "accuracy"),
+                                 expert_of)
+    return [normalised_row(row, reference, spec["tasks"]) for row in rows
+            if row.source == "measured" and row.scale == RAW]
 
 
 def run_sweep(
@@ -143,7 +179,8 @@ def summarize_sweep(
         stats_path = job / "merge_stats.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         row = measured_row(
-            ", ".join(f"{p}={v}" for p, v in zip(params, point)), report, stats, tasks
+            ", ".join(f"{p}={v}" for p, v in zip(params, point)), report, stats, tasks,
+            spec.get("metric", "accuracy"),
         )
         rows.append(row)
         values.append(point)
@@ -195,7 +232,7 @@ def _write_tables(
     spec: dict,
     rows: List[Row],
     argv: Sequence[str],
-    failures: List[RunResult],
+    failures: List[VariantResult],
     title_suffix: str = "",
 ) -> None:
     tasks = spec["tasks"]
@@ -209,7 +246,8 @@ def _write_tables(
     measured = [r for r in rows if r.source == "measured"]
     if measured and not title_suffix:
         bar_plot(
-            rows, tasks, run_dir / "bars.png", f"{spec['name']}: {spec.get('description', '')}"
+            rows, tasks, run_dir / "bars.png", f"{spec['name']}: {spec.get('description', '')}",
+            ylabel=f"{spec.get('metric', 'accuracy')} (%)",
         )
     lines = [
         f"# {spec['name']}{title_suffix}: {spec.get('description', '')}",
@@ -218,13 +256,21 @@ def _write_tables(
         f"- fusion_bench overrides: `{' '.join(spec['overrides'])}`; per-method overrides in "
         "provenance.json",
         "",
-        "Accuracy in %. `individual` = each expert on its own task. `merge s` = wall time of the "
-        "method's `run` (loading the pool + merging); `peak RSS` = the process's peak resident "
-        "memory.",
-        "",
-        markdown_table(rows, tasks),
+        f"{spec.get('metric_note') or 'Accuracy in %.'} `individual` = each expert on its own "
+        "task. `merge s` = wall time of the method's `run` (loading the pool + merging); `peak "
+        "RSS` = the process's peak resident memory. A setting in brackets says how the row was "
+        "obtained (a value tuned on validation data - see runs/<method>/tuning.json - or the "
+        "seeds of mean ± std).",
         "",
     ]
+    raw = [r for r in rows if r.scale == RAW]
+    normalised = [r for r in rows if r.scale == NORMALISED]
+    if normalised:
+        lines += ["## Raw scores", "", markdown_table(raw, tasks), "",
+                  "## Normalised: % of the individual expert's score, per task", "",
+                  markdown_table(normalised, tasks, with_cost=False), ""]
+    else:
+        lines += [markdown_table(rows, tasks), ""]
     if failures:
         lines.append("Failed: " + ", ".join(f.method for f in failures))
     (run_dir / "table.md").write_text("\n".join(lines))

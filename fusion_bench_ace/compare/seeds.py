@@ -61,8 +61,10 @@ def run_over_seeds(
 
 
 def read_csv(path: Path) -> Dict[str, Dict[str, str]]:
+    """A comparison's rows by method: the raw scores (its normalised rows repeat the names)."""
     with open(path) as handle:
-        return {row["method"]: row for row in csv.DictReader(handle)}
+        return {row["method"]: row for row in csv.DictReader(handle)
+                if row.get("scale", "raw") == "raw"}
 
 
 def spread(values: List[float]) -> tuple:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 INDIVIDUAL = "individual"
+RAW, NORMALISED = "raw", "normalised"
 
 
 @dataclass
@@ -24,17 +25,23 @@ class Row:
     peak_cuda_mib: Optional[float] = None
     source: str = "measured"
     notes: List[str] = field(default_factory=list)
+    stds: Dict[str, Optional[float]] = field(default_factory=dict)
+    """Per task, the standard deviation over seeds (rows of repeated runs)."""
+    average_std: Optional[float] = None
+    setting: Optional[str] = None
+    """How the row was obtained beyond the method's config (a tuned value, the seeds)."""
+    scale: str = RAW
+    """``raw``: the metric in percent; ``normalised``: percent of the individual expert's."""
 
 
-def scores_from_report(
-    method: str, report: dict, tasks: Sequence[str]
-) -> Dict[str, Optional[float]]:
-    """Per-task accuracy in percent; for ``individual`` the diagonal (expert t on task t)."""
+def scores_from_report(method: str, report: dict, tasks: Sequence[str], metric: str = "accuracy"
+                       ) -> Dict[str, Optional[float]]:
+    """Per-task ``metric`` in percent; for ``individual`` the diagonal (expert t on task t)."""
     scores = {}
     for task in tasks:
         entry = report.get(task, {}).get(task) if method == INDIVIDUAL else report.get(task)
-        accuracy = entry.get("accuracy") if isinstance(entry, dict) else None
-        scores[task] = None if accuracy is None else 100.0 * accuracy
+        value = entry.get(metric) if isinstance(entry, dict) else None
+        scores[task] = None if value is None else 100.0 * value
     return scores
 
 
@@ -44,18 +51,81 @@ def mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
     return sum(values) / len(values)
 
 
-def measured_row(
-    method: str, report: dict, merge_stats: Optional[dict], tasks: Sequence[str]
-) -> Row:
-    scores = scores_from_report(method, report, tasks)
+def std_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+    """Sample standard deviation (n - 1), as seeds are a sample of the method's randomness."""
+    if len(values) < 2 or any(v is None for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def measured_row(method: str, report: dict, merge_stats: Optional[dict], tasks: Sequence[str],
+                 metric: str = "accuracy", setting: Optional[str] = None) -> Row:
+    scores = scores_from_report(method, report, tasks, metric)
     stats = merge_stats or {}
     return Row(
-        name=method,
-        scores=scores,
-        average=mean_or_none([scores[t] for t in tasks]),
-        merge_seconds=stats.get("merge_seconds"),
-        peak_rss_mib=stats.get("peak_rss_mib"),
-        peak_cuda_mib=stats.get("peak_cuda_mib"),
+        name=method, scores=scores, average=mean_or_none([scores[t] for t in tasks]),
+        merge_seconds=stats.get("merge_seconds"), peak_rss_mib=stats.get("peak_rss_mib"),
+        peak_cuda_mib=stats.get("peak_cuda_mib"), setting=setting,
+    )
+
+
+def seeded_row(method: str, reports: Sequence[dict], merge_stats: Sequence[Optional[dict]],
+               tasks: Sequence[str], metric: str = "accuracy", setting: Optional[str] = None
+               ) -> Row:
+    """Mean ± sample std over repeated runs (one report per seed); the average's std is over the
+    runs' averages. Cost: mean merge time, largest peak memory."""
+    runs = [measured_row(method, r, s, tasks, metric) for r, s in zip(reports, merge_stats)]
+    if not runs:
+        raise ValueError(f"{method}: no finished run to aggregate")
+    column = {t: [run.scores[t] for run in runs] for t in tasks}
+    averages = [run.average for run in runs]
+
+    def largest(values):
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+
+    return Row(
+        name=method, scores={t: mean_or_none(column[t]) for t in tasks},
+        average=mean_or_none(averages), stds={t: std_or_none(column[t]) for t in tasks},
+        average_std=std_or_none(averages),
+        merge_seconds=mean_or_none([run.merge_seconds for run in runs]),
+        peak_rss_mib=largest([run.peak_rss_mib for run in runs]),
+        peak_cuda_mib=largest([run.peak_cuda_mib for run in runs]), setting=setting,
+    )
+
+
+def reference_scores(individual_report: dict, tasks: Sequence[str], metric: str = "accuracy",
+                     expert_of: Optional[Dict[str, str]] = None) -> Dict[str, Optional[float]]:
+    """The score each task is normalised by, in percent: expert ``expert_of[t]`` (default: t's own
+    expert, ACE Table 3) on task t, read off the ``individual`` run's report (every expert on
+    every task; ACE Table 9 names another expert for some tasks)."""
+    expert_of = expert_of or {}
+    scores = {}
+    for task in tasks:
+        entry = individual_report.get(expert_of.get(task, task), {}).get(task)
+        value = entry.get(metric) if isinstance(entry, dict) else None
+        scores[task] = None if value is None else 100.0 * value
+    return scores
+
+
+def normalised_row(row: Row, reference: Dict[str, Optional[float]], tasks: Sequence[str]) -> Row:
+    """``100 * score / reference`` per task (undefined where the reference is not positive), the
+    average of those (as ACE Table 3 averages its normalised cells), stds scaled alike."""
+
+    def ratio(value: Optional[float], task: str) -> Optional[float]:
+        base = reference.get(task)
+        if value is None or base is None or base <= 0:
+            return None
+        return 100.0 * value / base
+
+    scores = {t: ratio(row.scores.get(t), t) for t in tasks}
+    return Row(
+        name=row.name, scores=scores, average=mean_or_none([scores[t] for t in tasks]),
+        merge_seconds=row.merge_seconds, peak_rss_mib=row.peak_rss_mib,
+        peak_cuda_mib=row.peak_cuda_mib, source=row.source, notes=list(row.notes),
+        stds={t: ratio(row.stds.get(t), t) for t in tasks} if row.stds else {},
+        setting=row.setting, scale=NORMALISED,
     )
 
 
@@ -67,6 +137,10 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     )
 
 
+def _cell(value: Optional[float], std: Optional[float] = None) -> str:
+    return _fmt(value) if std is None or value is None else f"{_fmt(value)} ± {_fmt(std)}"
+
+
 def markdown_table(rows: Sequence[Row], tasks: Sequence[str], *, with_cost: bool = True) -> str:
     header = ["method", *tasks, "avg"]
     if with_cost:
@@ -74,7 +148,10 @@ def markdown_table(rows: Sequence[Row], tasks: Sequence[str], *, with_cost: bool
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         name = row.name if row.source == "measured" else f"{row.name} *({row.source})*"
-        cells = [name, *(_fmt(row.scores.get(t)) for t in tasks), _fmt(row.average)]
+        if row.setting:
+            name += f" ({row.setting})"
+        cells = [name, *(_cell(row.scores.get(t), row.stds.get(t)) for t in tasks),
+                 _cell(row.average, row.average_std)]
         if with_cost:
             cells += [_fmt(row.merge_seconds, 2), _fmt(row.peak_rss_mib, 0)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -82,34 +159,37 @@ def markdown_table(rows: Sequence[Row], tasks: Sequence[str], *, with_cost: bool
 
 
 def csv_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    """One line per row; ``std_<task>`` / ``average_std`` columns only when some row has seeds."""
+    def number(value: Optional[float], digits: int = 4) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    with_std = any(row.stds for row in rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        ["method", "source", *tasks, "average", "merge_seconds", "peak_rss_mib", "peak_cuda_mib"]
-    )
+    writer.writerow(["method", "source", "scale", "setting", *tasks, "average",
+                     *([f"std_{t}" for t in tasks] + ["average_std"] if with_std else []),
+                     "merge_seconds", "peak_rss_mib", "peak_cuda_mib"])
     for row in rows:
-        writer.writerow(
-            [
-                row.name,
-                row.source,
-                *("" if row.scores.get(t) is None else f"{row.scores[t]:.4f}" for t in tasks),
-                "" if row.average is None else f"{row.average:.4f}",
-                "" if row.merge_seconds is None else f"{row.merge_seconds:.3f}",
-                "" if row.peak_rss_mib is None else f"{row.peak_rss_mib:.1f}",
-                "" if row.peak_cuda_mib is None else f"{row.peak_cuda_mib:.1f}",
-            ]
-        )
+        writer.writerow([
+            row.name, row.source, row.scale, row.setting or "",
+            *(number(row.scores.get(t)) for t in tasks), number(row.average),
+            *([number(row.stds.get(t)) for t in tasks] + [number(row.average_std)]
+              if with_std else []),
+            number(row.merge_seconds, 3), number(row.peak_rss_mib, 1),
+            number(row.peak_cuda_mib, 1),
+        ])
     return buffer.getvalue()
 
 
-def bar_plot(rows: Sequence[Row], tasks: Sequence[str], path: Path, title: str) -> None:
-    """Grouped bars: one group per task (plus the average), one bar per method."""
+def bar_plot(rows: Sequence[Row], tasks: Sequence[str], path: Path, title: str,
+             ylabel: str = "accuracy (%)") -> None:
+    """Grouped bars: one group per task (plus the average), one bar per measured raw row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [r for r in rows if r.source == "measured"]
+    measured = [r for r in rows if r.source == "measured" and r.scale == RAW]
     groups = [*tasks, "avg"]
     width = 0.8 / max(1, len(measured))
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(groups) + 2), 4.5))
@@ -119,8 +199,10 @@ def bar_plot(rows: Sequence[Row], tasks: Sequence[str], path: Path, title: str) 
         ax.bar(xs, [0 if v is None else v for v in values], width, label=row.name)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylabel(ylabel)
+    lowest = min([v for r in measured for v in [*r.scores.values(), r.average] if v is not None],
+                 default=0.0)
+    ax.set_ylim(min(0.0, lowest), 100)  # correlations (CoLA, STS-B) can be negative
     ax.set_title(title)
     ax.legend(
         fontsize=8, ncol=min(4, len(measured)), loc="upper center", bbox_to_anchor=(0.5, -0.22)

@@ -48,7 +48,7 @@ class Track:
 
 TRACKS: Dict[str, Track] = {
     "clip": Track("fusion_bench_ace.mini.clip", 2, "CLIP ViT image classification (8 tasks)"),
-    "gpt2": Track("fusion_bench_ace.mini.gpt2", 1, "GPT-2 text classification (GLUE-like tasks)"),
+    "gpt2": Track("fusion_bench_ace.mini.gpt2", 2, "GPT-2 text classification (GLUE-like tasks)"),
 }
 
 

@@ -10,9 +10,10 @@
   its whole backbone fine-tuned from ``pretrained/`` under a ``score`` head that stays at its
   seeded random initialisation unless ``train_score_head`` (the stand-ins for
   ``tanganke/gpt2_<glue task>``);
-- ``data/<task>/{train,test}/``: ``datasets`` saved with ``save_to_disk`` (``input_ids``,
-  ``attention_mask``, ``labels``; right-padded to a fixed length), plus the texts as
-  ``{train,test}.jsonl`` for people to read;
+- ``data/<task>/{train,test,validation}/``: ``datasets`` saved with ``save_to_disk``
+  (``input_ids``, ``attention_mask``, ``labels``; right-padded to a fixed length), plus the texts
+  as ``<split>.jsonl`` for people to read; validation examples are in neither train nor test (they
+  tune merging hyper-parameters, e.g. Task Arithmetic's lambda);
 - ``tasks.json``: what each task is.
 
 FusionBench's GPT-2 pool merges the ``GPT2Model`` backbones and its task pool re-attaches each
@@ -64,20 +65,20 @@ def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
     with deterministic_torch(settings["num_threads"]):
         say(f"generating {len(TASKS)} tasks and a pretraining corpus (seed {seed})")
         splits = {
-            name: make_splits(task, seed, settings["train_size"], settings["test_size"])
+            name: make_splits(task, seed, settings["train_size"], settings["test_size"],
+                              settings["validation_size"])
             for name, task in TASKS.items()
         }
         corpus = pretraining_corpus(seed, settings["pretrain_documents"])
-        training_texts = [e.text for train, _ in splits.values() for e in train]
+        training_texts = [e.text for train, _, _ in splits.values() for e in train]
         tokenizer = train_tokenizer(corpus + training_texts, out_dir / "tokenizer", settings)
 
         encoded = {}
-        for name, (train, test) in splits.items():
-            encoded[name] = {
-                split: encode_examples(tokenizer, examples, settings["seq_len"])
-                for split, examples in (("train", train), ("test", test))
-            }
-            save_task_data(out_dir / "data" / name, encoded[name], {"train": train, "test": test})
+        for name, (train, test, validation) in splits.items():
+            texts = {"train": train, "test": test, "validation": validation}
+            encoded[name] = {split: encode_examples(tokenizer, examples, settings["seq_len"])
+                             for split, examples in texts.items()}
+            save_task_data(out_dir / "data" / name, encoded[name], texts)
 
         config = model_config(settings, len(tokenizer), tokenizer.pad_token_id)
         language_model = pretrain(config, tokenizer, corpus, settings, progress)
@@ -156,11 +157,11 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def write_task_descriptions(path: Path, splits: Dict[str, Tuple[list, list]]) -> None:
+def write_task_descriptions(path: Path, splits: Dict[str, Tuple[list, list, list]]) -> None:
     described = {
         name: {"glue_task": task.glue_task, "description": task.description,
                "label_names": list(task.label_names), "train_size": len(splits[name][0]),
-               "test_size": len(splits[name][1])}
+               "test_size": len(splits[name][1]), "validation_size": len(splits[name][2])}
         for name, task in TASKS.items()
     }
     path.write_text(json.dumps(described, indent=1))

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+SPLIT_DIRECTORIES = {"test": "data", "validation": "validation"}
+"""Where the CLIP track saves each evaluated split (``fusion_bench_ace.mini.clip``)."""
 
-def load_clip_task(name: str, root: str):
-    """The test set of CLIP task ``name``; registers its class names and prompt templates first.
+
+def load_clip_task(name: str, root: str, split: str = "test"):
+    """The ``split`` (``test``, or ``validation`` for tuning) of CLIP task ``name``; registers its
+    class names and prompt templates first.
 
     FusionBench's CLIP task pool looks class names and templates up by task name in
     ``CLIPTemplateFactory``; registering here, while the pool instantiates its datasets, makes
@@ -28,4 +32,7 @@ def load_clip_task(name: str, root: str):
         classnames=classnames,
         templates=templates,
     )
-    return datasets.load_from_disk(str(Path(root) / "data" / name))
+    if split not in SPLIT_DIRECTORIES:
+        raise ValueError(f"unknown split {split!r} of the CLIP track; known: "
+                         f"{', '.join(SPLIT_DIRECTORIES)}")
+    return datasets.load_from_disk(str(Path(root) / SPLIT_DIRECTORIES[split] / name))

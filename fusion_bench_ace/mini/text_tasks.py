@@ -486,9 +486,11 @@ def task_rng(seed: int, name: str) -> random.Random:
     return random.Random(f"{seed}:{name}")
 
 
-def make_splits(task: TextTask, seed: int, num_train: int, num_test: int
-                ) -> Tuple[List[Example], List[Example]]:
-    """Label-balanced train and test sets with no text in both (nor under two labels)."""
+def make_splits(task: TextTask, seed: int, num_train: int, num_test: int,
+                num_validation: int = 0) -> Tuple[List[Example], List[Example], List[Example]]:
+    """Label-balanced train, test and validation sets with no text in two of them (nor under two
+    labels). Validation examples are drawn after the others, so train and test do not depend on
+    ``num_validation``."""
     rng = task_rng(seed, task.name)
     per_label_train = _split_evenly(num_train, task.num_labels)
     per_label_test = _split_evenly(num_test, task.num_labels)
@@ -502,7 +504,11 @@ def make_splits(task: TextTask, seed: int, num_train: int, num_test: int
         test += [Example(t, label) for t in texts[per_label_train[label]:]]
     rng.shuffle(train)
     rng.shuffle(test)
-    return train, test
+    validation: List[Example] = []
+    for label, count in enumerate(_split_evenly(num_validation, task.num_labels)):
+        validation += [Example(t, label) for t in _unique_texts(task, rng, label, count, seen)]
+    rng.shuffle(validation)
+    return train, test, validation
 
 
 def _split_evenly(total: int, parts: int) -> List[int]:

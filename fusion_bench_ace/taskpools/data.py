@@ -10,12 +10,18 @@ local copy may be either layout:
 - a ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` directory (for a repository with
   configurations, one per configuration: ``<id>/<config name>/``): read with
   :func:`datasets.load_from_disk`.
+
+Every loader takes ``validation``: ``None`` loads ``split``; ``{split, fraction, seed}`` loads that
+split (the task's train split) and keeps the held-out part FusionBench's
+``fusion_bench.utils.data.train_validation_split`` draws (its ``dataset/image_classification/val``
+configs: 10 % of train, seed 0) - data for tuning hyper-parameters, never the test split. The
+task pools' ``_validation`` key switches every task at once (see ``config/compare/*.yaml``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
 
@@ -24,8 +30,41 @@ def is_saved_to_disk(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in SAVED_MARKERS)
 
 
-def load_hf_dataset(path: str, split: Optional[str] = None, name: Optional[str] = None, **kwargs):
-    """``datasets.load_dataset(path, name, split=split)``, or ``load_from_disk`` of a saved copy."""
+def holdout(dataset, fraction: float, seed: int):
+    """The validation part of ``dataset`` as FusionBench's ``train_validation_split`` draws it
+    (``fraction`` of the rows, at least one, in a seeded permutation), as a ``datasets.Dataset``."""
+    from fusion_bench.utils.data import train_validation_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    if len(dataset) < 2:
+        raise ValueError(f"cannot hold out validation rows from a split of {len(dataset)} rows")
+    size = max(1, int(len(dataset) * fraction))
+    part = train_validation_split(dataset, validation_fraction=None, validation_size=size,
+                                  random_seed=seed, return_split="val")
+    return dataset.select(part.indices)
+
+
+def _validation_or(split: Optional[str], validation: Optional[Mapping]) -> Optional[str]:
+    if validation is None:
+        return split
+    missing = {"split", "fraction", "seed"} - set(validation)
+    if missing:
+        raise ValueError(f"validation needs split, fraction and seed; missing {sorted(missing)}")
+    return validation["split"]
+
+
+def load_hf_dataset(path: str, split: Optional[str] = None, name: Optional[str] = None,
+                    validation: Optional[Mapping] = None, **kwargs):
+    """``datasets.load_dataset(path, name, split=split)``, or ``load_from_disk`` for a saved copy;
+    with ``validation``, the held-out part of ``validation["split"]`` instead (see above)."""
+    dataset = _load(path, _validation_or(split, validation), name, **kwargs)
+    if validation is None:
+        return dataset
+    return holdout(dataset, validation["fraction"], validation["seed"])
+
+
+def _load(path: str, split: Optional[str], name: Optional[str], **kwargs):
     import datasets
 
     if os.path.isdir(path):
@@ -42,10 +81,11 @@ def load_hf_dataset(path: str, split: Optional[str] = None, name: Optional[str] 
     return datasets.load_dataset(path, name, split=split, **kwargs)
 
 
-def load_fer2013(path: str = "clip-benchmark/wds_fer2013", split: str = "test"):
+def load_fer2013(path: str = "clip-benchmark/wds_fer2013", split: str = "test",
+                 validation: Optional[Mapping] = None):
     """FusionBench's FER2013 (``fusion_bench.dataset.fer2013.load_fer2013``) from a hub id or a
     local copy."""
-    dataset = load_hf_dataset(path, split=split)
+    dataset = load_hf_dataset(path, split=split, validation=validation)
     drop = [c for c in ("__key__", "__url__") if c in dataset.column_names]
     if drop:
         dataset = dataset.remove_columns(drop)

@@ -34,7 +34,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -117,9 +117,13 @@ def glue_metrics(task: str, predictions, labels) -> Dict[str, float]:
 # --- data -----------------------------------------------------------------------------------------
 
 
-def load_glue_split(name: str, split: Optional[str] = None, path: str = GLUE_PATH):
-    """One split (default: the task's validation split) of GLUE task ``name``, raw text."""
-    return load_hf_dataset(path, split=split or glue_task(name).validation_split, name=name)
+def load_glue_split(name: str, split: Optional[str] = None, path: str = GLUE_PATH,
+                    validation: Optional[Mapping] = None):
+    """One split (default: the task's GLUE validation split, the benchmarks' test data) of GLUE
+    task ``name``, raw text; with ``validation``, rows held out of the train split instead
+    (``fusion_bench_ace.taskpools.data``), as DARE / Twin-Merging hold 10 % of GLUE train out."""
+    return load_hf_dataset(path, split=split or glue_task(name).validation_split, name=name,
+                           validation=validation)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +134,7 @@ def _gpt2_tokenizer(name_or_path: str):
 
 
 def load_gpt2_glue(name: str, split: Optional[str] = None, path: str = GLUE_PATH,
-                   tokenizer: str = "openai-community/gpt2"):
+                   tokenizer: str = "openai-community/gpt2", validation: Optional[Mapping] = None):
     """A GLUE split tokenized as FusionBench's GPT-2 benchmark (``fusion_bench.dataset.gpt2_glue``).
 
     Same tokenizer set-up (``load_gpt2_tokenizer``: pad = unk, ``model_max_length`` 512) and the
@@ -150,7 +154,7 @@ def load_gpt2_glue(name: str, split: Optional[str] = None, path: str = GLUE_PATH
     }
     if name not in functions:
         raise KeyError(f"FusionBench's GPT-2 GLUE covers {sorted(functions)}, not {name!r}")
-    dataset = load_glue_split(name, split, path)
+    dataset = load_glue_split(name, split, path, validation)
     columns = [c for c in glue_task(name).text_keys if c is not None]
     return dataset.map(
         functools.partial(functions[name], tokenizer=_gpt2_tokenizer(tokenizer)),
