@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 from .determinism import deterministic_torch, stage_seed
 from .vision_tasks import DigitSource, draw_captioned, draw_split, vision_tasks
 
-TASK_ORDER = ("shapes", "colors", "position", "sizes", "counting", "orientation", "textures", "digits")
+TASK_ORDER = (
+    "shapes", "colors", "position", "sizes", "counting", "orientation", "textures", "digits",
+)
 IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]
 
@@ -278,9 +280,11 @@ def pretrained_clip(settings: dict, digits: DigitSource, progress: bool):
     caption_rng = np.random.default_rng([settings["seed"], 7])
     corpus = [draw_captioned(caption_rng, size, digits, settings["pretrain"]["mix"])[1]
               for _ in range(2000)]
-    prompts = [t.format(c) for spec in tasks.values() for c in spec.classnames for t in spec.templates]
+    prompts = [t.format(c) for spec in tasks.values() for c in spec.classnames
+               for t in spec.templates]
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = make_clip_tokenizer(corpus + prompts, Path(scratch), settings["text"]["vocab_size"])
+        tokenizer = make_clip_tokenizer(corpus + prompts, Path(scratch),
+                                        settings["text"]["vocab_size"])
     image_processor = CLIPImageProcessor(
         do_resize=False, do_center_crop=False, size={"shortest_edge": size},
         crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
@@ -334,7 +338,8 @@ def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
         metrics = {name: {} for name in ("pretrained", "expert", "simple_average")}
         for task in TASK_ORDER:
             test = splits[task]["test"]
-            metrics["pretrained"][task] = accuracy(vision, projection, heads[task], logit_scale, test)
+            metrics["pretrained"][task] = accuracy(vision, projection, heads[task], logit_scale,
+                                                   test)
             metrics["expert"][task] = accuracy(experts[task], projection, heads[task], logit_scale,
                                                test)
             metrics["simple_average"][task] = accuracy(averaged, projection, heads[task],

@@ -176,7 +176,8 @@ def draw_orientation(rng, label, size, clutter=0.4):
     theta = np.deg2rad(ORIENTATION_ANGLES[ORIENTATIONS[label]] + rng.normal(0, 6))
     period = rng.uniform(3.5, 5.5)
     # stripes run along theta: the wave varies across it
-    wave = np.sin(2 * np.pi * (-x * np.sin(theta) + y * np.cos(theta)) / period + rng.uniform(0, 6.3))
+    phase = rng.uniform(0, 6.3)
+    wave = np.sin(2 * np.pi * (-x * np.sin(theta) + y * np.cos(theta)) / period + phase)
     tint = _jittered(rng, COLORS[list(COLORS)[rng.integers(len(COLORS))]], 40.0)
     image = _background(rng, size, clutter=clutter) + (0.5 + 0.5 * wave)[..., None] * tint * 0.8
     return _to_uint8(image)
@@ -188,7 +189,8 @@ def draw_texture(rng, label, size, clutter=0.3):
     scale = rng.uniform(3.0, 4.5)
     if name == "dotted":
         pattern = ((np.mod(y + rng.uniform(0, scale), scale) - scale / 2) ** 2
-                   + (np.mod(x + rng.uniform(0, scale), scale) - scale / 2) ** 2) < (scale / 3.2) ** 2
+                   + (np.mod(x + rng.uniform(0, scale), scale) - scale / 2) ** 2
+                   ) < (scale / 3.2) ** 2
     elif name == "striped":
         theta = rng.uniform(0, np.pi)
         pattern = np.mod(x * np.cos(theta) + y * np.sin(theta), scale) < scale / 2
@@ -229,7 +231,8 @@ class DigitSource:
         shift = rng.integers(-1, 2, size=2)
         glyph = np.roll(glyph, shift=tuple(shift), axis=(0, 1))
         ink = _jittered(rng, (230, 230, 230), 30.0)
-        image = _background(rng, size, clutter=clutter) * (1 - glyph[..., None]) + glyph[..., None] * ink
+        background = _background(rng, size, clutter=clutter)
+        image = background * (1 - glyph[..., None]) + glyph[..., None] * ink
         return _to_uint8(image)
 
 
