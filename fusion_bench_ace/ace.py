@@ -19,6 +19,16 @@ Notation (one layer, ``T`` tasks, each ``ΔW_t`` of shape ``m x n`` = ``d_out x 
   SVD of ``W_pre + Δ_res``, ``k = floor(k_frac * min(m, n))`` and
   ``W = W_pre + σ̄_k U_k V_kᵀ`` (Eqs. 17-19).
 
+Options beyond the paper (defaults are the paper's formulas, bit for bit; derivation and the
+thresholds' meaning in ``docs/ace_scale_free.md``):
+
+- ``eps_mode="relative"``: ``ε = eps_rel s̄ / d_in`` with ``s̄`` the mean centred trace of the
+  tasks in the system, and in the heterogeneous branch the prior divided by ``τ̄ / s̄`` instead of
+  ``τ̄``. This is the paper's merge of the layer rescaled to ``s̄ = 1``, scaled back: a common
+  rescaling of the task vectors rescales the merged task vector by the same factor.
+- ``gamma_mode="scale_free"``: the statistic is ``Var_t[log e_t]`` (γ's numerator), compared with
+  ``tau_scale_free``; unchanged by a common rescaling.
+
 Choices where the paper is silent or the authors' code (``unravel-xu/ACE-Merging``,
 ``src/merge/strategy.py``) breaks — each is tested:
 
@@ -37,7 +47,10 @@ Choices where the paper is silent or the authors' code (``unravel-xu/ACE-Merging
   merged like 1-D parameters, by averaging their task vectors.
 - **Rows all equal** (``W̃_t = 0`` but ``ΔW_t ≠ 0``, ``d_out > 1``): in the heterogeneous branch the
   trace normalisation of that task is undefined (``s_t = 0``); the task is left out of the system
-  and the residual. If no task has centred energy left, the layer is averaged.
+  and the residual. If no task has centred energy left, the layer is averaged. Rows equal up to
+  the rounding of the centring count as equal (``s_t <= (d_out u)² e_t``, ``u`` the compute
+  dtype's epsilon: the mean of equal values is not always exact); otherwise that rounding noise
+  would get the weight ``1 / s_t`` and swamp the other tasks.
 - **k = 0** (tiny layers or ``k_frac`` small): the refinement is skipped (the authors' code takes
   the mean of an empty set and returns NaN).
 - **The solve.** ``Σ_t Σ_t,reg`` is symmetric positive definite (ε > 0) and ``C_agg`` is rank one,
@@ -95,6 +108,8 @@ from torch import Tensor
 from .tensors import TaskVectors, check_finite, compute_dtype_for, stack_task_vectors
 
 __all__ = [
+    "EPS_MODES",
+    "GAMMA_MODES",
     "ACELayerResult",
     "ace_merge_layer",
     "ace_merge_layer_stream",
@@ -111,6 +126,14 @@ _GRAM_LEAF = 192  # Gram blocks narrower than 2 * this are computed whole
 _MAX_WEIGHT = 1e30  # float32 accumulators stay far from overflow below this task weight
 _ENERGY_CHUNK = 1 << 20  # elements squared at a time for the energies (bounded temporaries)
 
+EPS_MODES = ("absolute", "relative")
+"""``absolute``: the ridge is ``eps`` (the paper). ``relative``: ``eps_rel`` times the mean
+eigenvalue of the layer's mean centred Gram matrix, and the heterogeneous branch's prior in the
+same units (``docs/ace_scale_free.md``): the merge scales with a common rescaling of the inputs."""
+GAMMA_MODES = ("paper", "scale_free")
+"""``paper``: ``γ = Var[log e] / Mean[log e]²`` against ``tau``. ``scale_free``: ``Var[log e]``
+against ``tau_scale_free``, unchanged by a common rescaling of the task vectors."""
+
 
 @dataclass(frozen=True)
 class ACELayerResult:
@@ -119,7 +142,8 @@ class ACELayerResult:
     merged: Tensor
     """The merged task vector, in the input dtype."""
     gamma: float
-    """Heterogeneity score γ of the tasks used."""
+    """Heterogeneity statistic of the tasks used: γ (``gamma_mode="paper"``) or ``Var[log e]``
+    (``"scale_free"``), the value compared with the mode's threshold."""
     heterogeneous: bool
     """Whether the heterogeneous branch (trace normalisation + refinement) ran."""
     rank_k: int
@@ -130,34 +154,114 @@ class ACELayerResult:
     """Why the layer was not merged by the closed form, if it was not (e.g. ``"average"``)."""
     preliminary: Optional[Tensor] = None
     """``W_pre`` (compute dtype), kept only when asked for."""
+    eps: Optional[float] = None
+    """The ridge ε the closed form used (``eps``, or ``eps_rel`` × the layer's mean Gram
+    eigenvalue in ``relative`` mode); ``None`` when the layer was not solved (a fallback)."""
 
 
-def check_ace_hyperparameters(eps: float, tau: float, k_frac: float) -> None:
-    """Reject hyperparameters outside the ranges the method is defined on."""
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0 (Tikhonov strength); got {eps!r}")
-    if not isinstance(tau, (int, float)) or math.isnan(tau) or tau < 0:
-        raise ValueError(f"tau must be >= 0 (heterogeneity threshold); got {tau!r}")
-    if not isinstance(k_frac, (int, float)) or not (0.0 <= k_frac <= 1.0):
-        raise ValueError(f"k_frac must lie in [0, 1] (spectral rank fraction); got {k_frac!r}")
+@dataclass(frozen=True)
+class _Options:
+    """The validated hyperparameters of one merge."""
+
+    eps: float
+    tau: float
+    k_frac: float
+    eps_mode: str
+    eps_rel: Optional[float]
+    gamma_mode: str
+    tau_scale_free: Optional[float]
+
+    def heterogeneity(self, nonzero_energies: Tensor) -> float:
+        if self.gamma_mode == "scale_free":
+            return _log_energy_variance(nonzero_energies)
+        return _gamma(nonzero_energies)
+
+    @property
+    def threshold(self) -> float:
+        return self.tau_scale_free if self.gamma_mode == "scale_free" else self.tau
 
 
-def heterogeneity(task_vectors: TaskVectors) -> float:
-    """The heterogeneity score γ (Eq. 7) of one layer's task vectors.
+def _options(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free) -> _Options:
+    check_ace_hyperparameters(eps, tau, k_frac, eps_mode=eps_mode, eps_rel=eps_rel,
+                              gamma_mode=gamma_mode, tau_scale_free=tau_scale_free)
+    return _Options(
+        float(eps), float(tau), float(k_frac), eps_mode,
+        None if eps_rel is None else float(eps_rel), gamma_mode,
+        None if tau_scale_free is None else float(tau_scale_free),
+    )
 
-    Unbiased variance of ``log ||ΔW_t||_F^2`` over the squared mean, over the tasks whose task
-    vector is not all zeros. Fewer than two such tasks or equal energies give 0.
+
+def check_ace_hyperparameters(
+    eps: float,
+    tau: float,
+    k_frac: float,
+    *,
+    eps_mode: str = "absolute",
+    eps_rel: Optional[float] = None,
+    gamma_mode: str = "paper",
+    tau_scale_free: Optional[float] = None,
+) -> None:
+    """Reject hyperparameters outside the ranges the method is defined on.
+
+    ``eps_rel`` is required when ``eps_mode="relative"``, ``tau_scale_free`` when
+    ``gamma_mode="scale_free"``; either is checked whenever it is given.
     """
+    if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0 (Tikhonov strength); got {eps!r}")
+    if not _is_number(tau) or math.isnan(tau) or tau < 0:
+        raise ValueError(f"tau must be >= 0 (heterogeneity threshold); got {tau!r}")
+    if not _is_number(k_frac) or not (0.0 <= k_frac <= 1.0):
+        raise ValueError(f"k_frac must lie in [0, 1] (spectral rank fraction); got {k_frac!r}")
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be one of {', '.join(EPS_MODES)}; got {eps_mode!r}")
+    if gamma_mode not in GAMMA_MODES:
+        raise ValueError(f"gamma_mode must be one of {', '.join(GAMMA_MODES)}; got {gamma_mode!r}")
+    if eps_rel is None and eps_mode == "relative":
+        raise ValueError("eps_mode='relative' needs eps_rel (the ridge / mean Gram eigenvalue)")
+    if eps_rel is not None and (not _is_number(eps_rel) or not math.isfinite(eps_rel)
+                                or eps_rel <= 0):
+        raise ValueError(f"eps_rel must be a finite number > 0 (relative ridge); got {eps_rel!r}")
+    if tau_scale_free is None and gamma_mode == "scale_free":
+        raise ValueError("gamma_mode='scale_free' needs tau_scale_free (threshold on Var[log e])")
+    if tau_scale_free is not None and (not _is_number(tau_scale_free)
+                                       or math.isnan(tau_scale_free) or tau_scale_free < 0):
+        raise ValueError(
+            f"tau_scale_free must be >= 0 (threshold on Var[log e]); got {tau_scale_free!r}"
+        )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def heterogeneity(task_vectors: TaskVectors, gamma_mode: str = "paper") -> float:
+    """The heterogeneity statistic of one layer's task vectors, over the non-zero ones.
+
+    ``gamma_mode="paper"``: γ (Eq. 7), the unbiased variance of ``log ||ΔW_t||_F^2`` over its
+    squared mean. ``"scale_free"``: the unbiased variance alone. Fewer than two non-zero tasks or
+    equal energies give 0.
+    """
+    if gamma_mode not in GAMMA_MODES:
+        raise ValueError(f"gamma_mode must be one of {', '.join(GAMMA_MODES)}; got {gamma_mode!r}")
     stacked = stack_task_vectors(task_vectors, ndim=None)
     dtype = compute_dtype_for(stacked.dtype)
     energies = torch.tensor(
         [_energy(stacked[t].to(dtype)) for t in range(stacked.shape[0])], dtype=torch.float64
     )
-    return _gamma(energies[energies > 0])
+    nonzero = energies[energies > 0]
+    return _log_energy_variance(nonzero) if gamma_mode == "scale_free" else _gamma(nonzero)
 
 
 def ace_merge_layer(
-    task_vectors: TaskVectors, eps: float, tau: float = 0.3, k_frac: float = 0.3
+    task_vectors: TaskVectors,
+    eps: float,
+    tau: float = 0.3,
+    k_frac: float = 0.3,
+    *,
+    eps_mode: str = "absolute",
+    eps_rel: Optional[float] = None,
+    gamma_mode: str = "paper",
+    tau_scale_free: Optional[float] = None,
 ) -> Tensor:
     """Merge the task vectors of one 2-D weight with ACE-Merging (Algorithm 1).
 
@@ -167,6 +271,13 @@ def ace_merge_layer(
         eps: Tikhonov strength ε > 0.
         tau: heterogeneity threshold τ >= 0; the heterogeneous branch runs when γ > τ.
         k_frac: spectral rank fraction in [0, 1]; ``k = floor(k_frac * min(d_out, d_in))``.
+        eps_mode: ``"absolute"`` (the paper: the ridge is ``eps``) or ``"relative"`` (the ridge
+            is ``eps_rel`` times the mean eigenvalue of the layer's mean centred Gram matrix, the
+            heterogeneous prior in the same units: the merge scales with the inputs).
+        eps_rel: relative ridge > 0, required by ``eps_mode="relative"``.
+        gamma_mode: ``"paper"`` (γ against ``tau``) or ``"scale_free"`` (``Var[log e]`` against
+            ``tau_scale_free``).
+        tau_scale_free: threshold >= 0 on ``Var[log e]``, required by ``gamma_mode="scale_free"``.
 
     Returns:
         The merged task vector, same shape and dtype as the inputs (add it, scaled, to the
@@ -176,7 +287,10 @@ def ace_merge_layer(
         ValueError: empty input, mismatched or non-2-D shapes, NaN/Inf values, or
             hyperparameters out of range.
     """
-    return ace_merge_layer_with_info(task_vectors, eps, tau, k_frac).merged
+    return ace_merge_layer_with_info(
+        task_vectors, eps, tau, k_frac, eps_mode=eps_mode, eps_rel=eps_rel,
+        gamma_mode=gamma_mode, tau_scale_free=tau_scale_free,
+    ).merged
 
 
 def ace_merge_layer_with_info(
@@ -185,10 +299,14 @@ def ace_merge_layer_with_info(
     tau: float = 0.3,
     k_frac: float = 0.3,
     *,
+    eps_mode: str = "absolute",
+    eps_rel: Optional[float] = None,
+    gamma_mode: str = "paper",
+    tau_scale_free: Optional[float] = None,
     keep_preliminary: bool = False,
 ) -> ACELayerResult:
     """:func:`ace_merge_layer`, also returning γ, the branch taken and (optionally) ``W_pre``."""
-    check_ace_hyperparameters(eps, tau, k_frac)
+    options = _options(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free)
     if isinstance(task_vectors, Tensor):  # NaN/Inf: checked through the energies (pass 1)
         stacked, unchecked = _validate_stack(task_vectors), task_vectors
     else:
@@ -196,9 +314,7 @@ def ace_merge_layer_with_info(
     result, _ = _merge(
         lambda t: stacked[t],
         stacked.shape[0],
-        eps=float(eps),
-        tau=float(tau),
-        k_frac=float(k_frac),
+        options,
         keep_preliminary=keep_preliminary,
         device=stacked.device,
         validated=(tuple(stacked.shape[1:]), stacked.dtype),
@@ -214,6 +330,10 @@ def ace_merge_layer_stream(
     tau: float = 0.3,
     k_frac: float = 0.3,
     *,
+    eps_mode: str = "absolute",
+    eps_rel: Optional[float] = None,
+    gamma_mode: str = "paper",
+    tau_scale_free: Optional[float] = None,
     device: str | torch.device | None = None,
     keep_preliminary: bool = False,
 ) -> ACELayerResult:
@@ -227,15 +347,13 @@ def ace_merge_layer_stream(
     first task vector's device). Inputs are validated as :func:`ace_merge_layer` does (shape,
     float dtype, NaN/Inf, naming the task).
     """
-    check_ace_hyperparameters(eps, tau, k_frac)
+    options = _options(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free)
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive int; got {num_tasks!r}")
     result, input_dtype = _merge(
         task_vector,
         num_tasks,
-        eps=float(eps),
-        tau=float(tau),
-        k_frac=float(k_frac),
+        options,
         keep_preliminary=keep_preliminary,
         device=None if device is None else torch.device(device),
         validated=None,
@@ -262,6 +380,7 @@ def _cast_result(result: ACELayerResult, dtype: torch.dtype) -> ACELayerResult:
         tasks_used=result.tasks_used,
         fallback=result.fallback,
         preliminary=result.preliminary,
+        eps=result.eps,
     )
 
 
@@ -279,14 +398,21 @@ def _energy(x: Tensor) -> float:
     return total
 
 
-def _gamma(nonzero_energies: Tensor) -> float:
+def _log_energy_variance(nonzero_energies: Tensor) -> float:
+    """Unbiased ``Var_t[log e_t]``; 0 for fewer than two tasks or equal energies."""
     if nonzero_energies.numel() < 2:
         return 0.0
     log_e = nonzero_energies.log()
     if bool((log_e == log_e[0]).all()):  # exact 0; var() of equal values can round to 1e-32
         return 0.0
-    variance = float(log_e.var(correction=1))
-    mean_sq = float(log_e.mean()) ** 2
+    return float(log_e.var(correction=1))
+
+
+def _gamma(nonzero_energies: Tensor) -> float:
+    variance = _log_energy_variance(nonzero_energies)
+    if variance == 0.0:
+        return 0.0
+    mean_sq = float(nonzero_energies.log().mean()) ** 2
     if mean_sq == 0.0:
         return math.inf
     return variance / mean_sq
@@ -295,10 +421,8 @@ def _gamma(nonzero_energies: Tensor) -> float:
 def _merge(
     source: TaskSource,
     num_tasks: int,
+    options: _Options,
     *,
-    eps: float,
-    tau: float,
-    k_frac: float,
     keep_preliminary: bool,
     device: Optional[torch.device],
     validated: Optional[tuple],
@@ -332,8 +456,8 @@ def _merge(
     if not nonzero:
         zeros = torch.zeros(m, n, dtype=compute, device=device)
         return ACELayerResult(zeros, 0.0, False, 0, 0, fallback="all-zero"), dtype
-    gamma = _gamma(energy[energy > 0])
-    heterogeneous = gamma > tau
+    gamma = options.heterogeneity(energy[energy > 0])
+    heterogeneous = gamma > options.threshold
     if compute != torch.float64 and len(nonzero) * (m - 1) < n:
         # Σ_t Σ̂_t has rank <= T (d_out - 1) < d_in: only ε holds its null space, where float32
         # rounding of the numerator is amplified by ~1/ε (measured: relative error 16 at a
@@ -350,10 +474,10 @@ def _merge(
         average = total.div_(len(nonzero))
         return ACELayerResult(average, gamma, heterogeneous, 0, len(nonzero), "average"), dtype
 
-    acc = _Accumulator(m, n, compute, device, heterogeneous)
+    acc = _Accumulator(m, n, compute, device, heterogeneous, options.eps_mode == "relative")
     for t in nonzero:  # Pass 2
         acc.add(task(t), energies[t])
-    return acc.finish(eps, k_frac, gamma, len(nonzero), keep_preliminary), dtype
+    return acc.finish(options, gamma, len(nonzero), keep_preliminary), dtype
 
 
 def _validate_stack(stacked: Tensor) -> Tensor:
@@ -393,8 +517,12 @@ def _check_streamed(x, t, shape, dtype, device):
 class _Accumulator:
     """The per-layer sums of Algorithm 1, fed one task vector at a time (pass 2)."""
 
-    def __init__(self, m: int, n: int, dtype: torch.dtype, device, heterogeneous: bool):
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device, heterogeneous: bool,
+                 track_centred_energy: bool):
         self.m, self.n, self.heterogeneous = m, n, heterogeneous
+        self.track_centred_energy = track_centred_energy or heterogeneous
+        # s_t at or below this multiple of e_t is the rounding of centring rows that are equal
+        self.noise_ratio = (m * torch.finfo(dtype).eps) ** 2
         zeros = lambda *size: torch.zeros(*size, dtype=dtype, device=device)  # noqa: E731
         # W̃_t (W̃_tᵀ W̃_t) or (W̃_t W̃_tᵀ) W̃_t: the cheaper association when d_out << d_in
         self.row_gram = 2 * m < n
@@ -409,14 +537,19 @@ class _Accumulator:
         self.scale = 1.0  # every weight is scale / s_t (heterogeneous)
         self.weight_total = 0.0
         self.used = 0
-        self.energy_used = 0.0
+        self.energy_used = 0.0  # Σ e_t (uncentred energies) of the tasks used
+        self.centred_energy = 0.0  # Σ s_t (centred traces) of the tasks used, when tracked
 
     def add(self, x: Tensor, energy: float) -> None:
         mu = x.mean(dim=0)
         centred = torch.sub(x, mu, out=self.centred)
         flat = centred.reshape(-1)
-        if self.heterogeneous:
+        if self.track_centred_energy:
             s = float(torch.dot(flat, flat))
+            if s <= self.noise_ratio * energy:
+                s = 0.0
+            self.centred_energy += s
+        if self.heterogeneous:
             if s == 0.0:  # rows all equal: no trace normalisation; left out of the system
                 self.unusable_means.add_(mu)
                 return
@@ -451,7 +584,7 @@ class _Accumulator:
         self.scale *= factor
 
     def finish(
-        self, eps: float, k_frac: float, gamma: float, nonzero: int, keep_preliminary: bool
+        self, options: _Options, gamma: float, nonzero: int, keep_preliminary: bool
     ) -> ACELayerResult:
         m, n = self.m, self.n
         if self.used == 0:  # heterogeneous and no task has centred energy left: average
@@ -461,7 +594,7 @@ class _Accumulator:
         sigma = self.sigma
         if self.row_gram:  # only the upper blocks were accumulated
             sigma = torch.triu(sigma).add_(torch.triu(sigma, diagonal=1).T)
-        prior_scale = self.used / self.energy_used if self.heterogeneous else 1.0  # 1 / τ̄
+        eps, prior_scale = self._ridge_and_prior_scale(options)
         prior_row = sigma.mean(dim=0).mul_(prior_scale)  # c
         regularised = sigma  # Σ_t w_t Σ_t,reg = Σ_t w_t Σ̂_t + ε Σ_t w_t I
         regularised.diagonal().add_(eps * self.weight_total)
@@ -474,7 +607,7 @@ class _Accumulator:
         del numerator
         kept = preliminary if keep_preliminary else None
         if not self.heterogeneous:
-            return ACELayerResult(preliminary, gamma, False, 0, self.used, None, kept)
+            return ACELayerResult(preliminary, gamma, False, 0, self.used, None, kept, eps)
 
         # Δ_res = Σ_t ΔW_t Σ̃_t - (Σ_t ΔW_t) mean_t Σ_t,reg, with ΔW_t Σ̂_t = W̃_t Σ̂_t + 1 (Σ̂_t μ_t)ᵀ,
         # divided by the running weight scale (the only term that is not homogeneous in it).
@@ -483,11 +616,27 @@ class _Accumulator:
         residual.addmm_(self.task_sum, regularised, alpha=-1.0 / self.used)
         residual.div_(self.scale)
         fused = residual.add_(preliminary)
-        rank_k = int(min(m, n) * k_frac)
+        rank_k = int(min(m, n) * options.k_frac)
         merged = preliminary
         if rank_k > 0:
             merged = preliminary + _isotropic_top_k(fused, rank_k)
-        return ACELayerResult(merged, gamma, True, rank_k, self.used, None, kept)
+        return ACELayerResult(merged, gamma, True, rank_k, self.used, None, kept, eps)
+
+    def _ridge_and_prior_scale(self, options: _Options) -> tuple[float, float]:
+        """ε and the factor on the prior row ``c`` (1, or ``1 / τ̄`` heterogeneous; Eq. 13).
+
+        ``relative`` (docs/ace_scale_free.md) is the paper's formulas on the layer rescaled to
+        unit mean centred trace ``s̄``: ``ε = eps_rel s̄ / d_in`` and, heterogeneous, the prior over
+        ``τ̄ / s̄`` instead of ``τ̄``; both then scale like the Grams, so the merge is equivariant.
+        """
+        if options.eps_mode == "absolute":
+            prior_scale = self.used / self.energy_used if self.heterogeneous else 1.0
+            return options.eps, prior_scale
+        mean_centred = self.centred_energy / self.used  # s̄
+        if mean_centred == 0.0:  # homogeneous, every W̃_t = 0: W_pre = 0 for any ε > 0
+            return options.eps_rel, 1.0
+        prior_scale = self.centred_energy / self.energy_used if self.heterogeneous else 1.0
+        return options.eps_rel * mean_centred / self.n, prior_scale
 
 
 def _gram(x: Tensor) -> Tensor:
