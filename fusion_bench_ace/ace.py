@@ -109,7 +109,7 @@ How it is computed (performance; none of it changes the formulas above):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -176,6 +176,9 @@ class ACELayerResult:
     eps: Optional[float] = None
     """The ridge ε the closed form used (``eps``, or ``eps_rel`` × the layer's mean Gram
     eigenvalue in ``relative`` mode); ``None`` when the layer was not solved (a fallback)."""
+    compute_dtype: Optional[torch.dtype] = None
+    """What the layer was computed in: float32, or float64 (float64 inputs, short layers, and
+    float32 layers whose float32 merge was predicted to miss float64 by more than 1e-5)."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +386,7 @@ def ace_merge_layer_stream(
 
 def _cast_result(result: ACELayerResult, dtype: torch.dtype) -> ACELayerResult:
     if result.merged.dtype == dtype:
-        return result
+        return replace(result, compute_dtype=dtype)
     merged = result.merged.to(dtype)
     if not bool(torch.isfinite(merged).all()):
         # The merge is finite in the compute dtype (inputs were); only the narrower dtype fails.
@@ -392,16 +395,7 @@ def _cast_result(result: ACELayerResult, dtype: torch.dtype) -> ACELayerResult:
             f"the merged task vector (max |value| {largest:.3g}) does not fit in {dtype}; "
             f"merge in float32 (cast the experts up) or lower the scaling"
         )
-    return ACELayerResult(
-        merged=merged,
-        gamma=result.gamma,
-        heterogeneous=result.heterogeneous,
-        rank_k=result.rank_k,
-        tasks_used=result.tasks_used,
-        fallback=result.fallback,
-        preliminary=result.preliminary,
-        eps=result.eps,
-    )
+    return replace(result, merged=merged, compute_dtype=result.merged.dtype)
 
 
 def _energy(x: Tensor) -> float:

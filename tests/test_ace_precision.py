@@ -82,6 +82,7 @@ def test_well_conditioned_layers_stay_float32(het, shape, monkeypatch):
     info = ace_merge_layer_with_info(stacked, 1e-5)
     assert info.heterogeneous == het
     assert dtypes == [torch.float32]  # one pass, no float64 redo
+    assert info.compute_dtype == torch.float32
     want = ace_merge_layer_with_info(stacked.double(), 1e-5).merged
     assert relative(info.merged, want) < 1e-5
 
@@ -89,8 +90,9 @@ def test_well_conditioned_layers_stay_float32(het, shape, monkeypatch):
 def test_ill_conditioned_layers_are_redone_in_float64(monkeypatch):
     stacked = decaying_spectrum_layer(6, 48, 64, seed=1)
     dtypes = count_accumulators(monkeypatch)
-    ace_merge_layer_with_info(stacked, 1e-5)
+    info = ace_merge_layer_with_info(stacked, 1e-5)
     assert dtypes == [torch.float32, torch.float64]
+    assert info.compute_dtype == torch.float64 and info.merged.dtype == torch.float32
     dtypes.clear()
     ace_merge_layer_with_info(stacked.double(), 1e-5)  # float64 inputs: one float64 pass
     assert dtypes == [torch.float64]

@@ -103,7 +103,7 @@ def test_scale_free_statistic_is_the_variance_of_log_energies():
 @pytest.mark.parametrize("tau", [0.0, math.inf], ids=["heterogeneous", "homogeneous"])
 @pytest.mark.parametrize("shape", [(16, 10), (6, 30)])
 def test_relative_is_absolute_on_the_layer_in_units_of_its_mean_centred_trace(tau, shape):
-    """relative(ΔW; eps_rel) = √s̄ · absolute(ΔW / √s̄; eps_rel / d_in), and ε = eps_rel s̄ / d_in."""
+    """relative(ΔW; eps_rel) = √s̄ absolute(ΔW / √s̄; eps_rel / d_in), and ε = eps_rel s̄ / d_in."""
     m, n = shape
     tvs = make_task_vectors(6, m, n, HETEROGENEOUS, seed=11, rank=2)
     mean_centred = sum(float(((w - w.mean(0)) ** 2).sum()) for w in tvs) / len(tvs)

@@ -136,6 +136,7 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
                 "gamma": info.gamma,
                 "heterogeneous": info.heterogeneous,
                 "eps": info.eps,
+                "compute_dtype": str(info.compute_dtype).removeprefix("torch."),
                 "rank_k": info.rank_k,
                 "tasks_used": info.tasks_used,
                 "fallback": info.fallback,
