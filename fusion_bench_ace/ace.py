@@ -752,8 +752,8 @@ def _refinement_amplification(singular: Tensor, k: int, m: int, n: int) -> float
     ``F``'s singular values, descending. The Daleckii-Krein form of the derivative of
     ``U_k V_kᵀ`` in ``F``'s singular bases has entries ``1 / (σ_i - σ_j)`` across the gap
     (``i <= k < j``), ``(g_i + g_j) / (σ_i + σ_j)`` with ``g = 1`` on the top ``k``, and ``1 / σ_i``
-    for the ``|m - n|`` directions outside the square part. On the embedded tracks' layers it
-    predicted the float32 error of the refinement within 0.7-1.5x (11x above on one layer).
+    for the ``|m - n|`` directions outside the square part. On the GPT-2 track's layers it gave
+    0.9-1.5x the float32 error of the refinement on 12 of 14, 3.7x and 11x on two.
     """
     top, rest = singular[:k], singular[k:]
     gap = top.unsqueeze(1) - rest.unsqueeze(0)  # i <= k < j

@@ -198,7 +198,8 @@ def test_common_rescaling_in_float32(het, shape):
     for factor in (1e-4, 3e-2, 7.0, 1e4):
         scaled = ace_merge_layer_with_info([w * factor for w in tvs], 1e-5, **options)
         assert scaled.heterogeneous == het
-        assert frobenius_rel(scaled.merged, base.merged.double() * factor) < 1e-4
+        # each within 1e-5 of its float64 merge, and those scale to ~1e-12
+        assert frobenius_rel(scaled.merged, base.merged.double() * factor) < 2e-5
 
 
 # --- the defaults are the paper's merge, bit for bit ----------------------------------------------
