@@ -194,9 +194,7 @@ class _Options:
     tau_scale_free: Optional[float]
 
     def heterogeneity(self, nonzero_energies: Tensor) -> float:
-        if self.gamma_mode == "scale_free":
-            return _log_energy_variance(nonzero_energies)
-        return _gamma(nonzero_energies)
+        return _heterogeneity(nonzero_energies, self.gamma_mode)
 
     @property
     def threshold(self) -> float:
@@ -270,8 +268,7 @@ def heterogeneity(task_vectors: TaskVectors, gamma_mode: str = "paper") -> float
     energies = torch.tensor(
         [_energy(stacked[t].to(dtype)) for t in range(stacked.shape[0])], dtype=torch.float64
     )
-    nonzero = energies[energies > 0]
-    return _log_energy_variance(nonzero) if gamma_mode == "scale_free" else _gamma(nonzero)
+    return _heterogeneity(energies[energies > 0], gamma_mode)
 
 
 def ace_merge_layer(
@@ -410,6 +407,12 @@ def _energy(x: Tensor) -> float:
         chunk = flat[start : start + _ENERGY_CHUNK]
         total += float(torch.sum(chunk * chunk))
     return total
+
+
+def _heterogeneity(nonzero_energies: Tensor, gamma_mode: str) -> float:
+    if gamma_mode == "scale_free":
+        return _log_energy_variance(nonzero_energies)
+    return _gamma(nonzero_energies)
 
 
 def _log_energy_variance(nonzero_energies: Tensor) -> float:
