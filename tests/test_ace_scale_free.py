@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from ace_reference import naive_ace, naive_gamma
 from fusion_bench_ace import ACEMerging, ace_merge_layer, ace_merge_layer_with_info, heterogeneity
 from fusion_bench_ace.ace import ace_merge_layer_stream, check_ace_hyperparameters
+from test_ace_fuzz import task_vector_of_kind
 from test_ace_math import CASES, HETEROGENEOUS, make_task_vectors, rel_diff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,15 +143,7 @@ def rescaled_layers(draw):
     for _ in range(tasks):
         kind = draw(st.sampled_from(["dense", "dense", "rank1", "zero", "equal_rows"]))
         scale = 10.0 ** draw(st.floats(-3.0, 1.0))
-        if kind == "zero":
-            w = torch.zeros(d_out, d_in, dtype=torch.float64)
-        elif kind == "rank1":
-            w = torch.randn(d_out, 1, generator=g, dtype=torch.float64) @ torch.randn(
-                1, d_in, generator=g, dtype=torch.float64)
-        elif kind == "equal_rows":
-            w = torch.randn(1, d_in, generator=g, dtype=torch.float64).expand(d_out, d_in).clone()
-        else:
-            w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+        w = task_vector_of_kind(kind, d_out, d_in, g)
         task_vectors.append(w * scale)
     options = {
         "eps_mode": "relative",
