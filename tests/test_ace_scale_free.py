@@ -19,12 +19,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from ace_reference import naive_ace, naive_gamma
-from fusion_bench_ace import ACEMerging, ace_merge_layer, ace_merge_layer_with_info, heterogeneity
-from fusion_bench_ace.ace import ace_merge_layer_stream, check_ace_hyperparameters
 from test_ace_fuzz import task_vector_of_kind
 from test_ace_math import CASES, HETEROGENEOUS, make_task_vectors, rel_diff
+
+from fusion_bench_ace import ACEMerging, ace_merge_layer, ace_merge_layer_with_info, heterogeneity
+from fusion_bench_ace.ace import ace_merge_layer_stream, check_ace_hyperparameters
+
+from ace_reference import naive_ace, naive_gamma
 
 REPO = Path(__file__).resolve().parents[1]
 # The last commit before the options (main, 2026-11-23): its ace.py is the paper's behaviour.

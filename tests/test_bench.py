@@ -71,9 +71,10 @@ def test_bench_end_to_end_tiny(tmp_path):
 
 def test_track_precision_reports_every_merged_layer(reduced_gpt2_env, tmp_path):
     """float32 against float64, per layer, on a built track's real experts (the reduced GPT-2)."""
-    from conftest import patched_environ
     from fusion_bench_ace.bench.report import tracks_section
     from fusion_bench_ace.bench.tracks import method_settings, track_precision
+
+    from conftest import patched_environ
 
     with patched_environ(reduced_gpt2_env):
         result = track_precision("gpt2", "ace_gpt2", torch.device("cpu"), log=lambda *_: None)
