@@ -20,6 +20,26 @@ MAGNITUDES = {
 }
 
 
+KINDS = ["dense", "rank1", "zero", "equal_rows", "sparse", "copy"]
+
+
+def task_vector_of_kind(kind, d_out, d_in, g, previous=None):
+    """A float64 ``d_out x d_in`` task vector of a (degenerate) kind, before its scale."""
+    if kind == "zero":
+        return torch.zeros(d_out, d_in, dtype=torch.float64)
+    if kind == "rank1":
+        return torch.randn(d_out, 1, generator=g, dtype=torch.float64) @ torch.randn(
+            1, d_in, generator=g, dtype=torch.float64)
+    if kind == "equal_rows":
+        return torch.randn(1, d_in, generator=g, dtype=torch.float64).expand(d_out, d_in).clone()
+    if kind == "sparse":
+        w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+        return w * (torch.rand(d_out, d_in, generator=g, dtype=torch.float64) < 0.2)
+    if kind == "copy" and previous is not None:
+        return previous.to(torch.float64) / max(previous.abs().max().item(), 1e-300)
+    return torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+
+
 @st.composite
 def layers(draw):
     dtype = draw(st.sampled_from(list(MAGNITUDES)))
@@ -31,24 +51,9 @@ def layers(draw):
     g = torch.Generator().manual_seed(seed)
     task_vectors = []
     for _ in range(tasks):
-        kind = draw(st.sampled_from(["dense", "rank1", "zero", "equal_rows", "sparse", "copy"]))
+        kind = draw(st.sampled_from(KINDS))
         scale = 10.0 ** draw(st.floats(low, high))
-        if kind == "zero":
-            w = torch.zeros(d_out, d_in, dtype=torch.float64)
-        elif kind == "rank1":
-            w = torch.randn(d_out, 1, generator=g, dtype=torch.float64) @ torch.randn(
-                1, d_in, generator=g, dtype=torch.float64)
-        elif kind == "equal_rows":
-            w = torch.randn(1, d_in, generator=g, dtype=torch.float64).expand(d_out, d_in).clone()
-        elif kind == "sparse":
-            w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
-            w = w * (torch.rand(d_out, d_in, generator=g, dtype=torch.float64) < 0.2)
-        elif kind == "copy" and task_vectors:
-            w = task_vectors[-1].to(torch.float64) / max(
-                task_vectors[-1].abs().max().item(), 1e-300
-            )
-        else:
-            w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+        w = task_vector_of_kind(kind, d_out, d_in, g, task_vectors[-1] if task_vectors else None)
         task_vectors.append((w * scale).to(dtype))
     eps = 10.0 ** draw(st.floats(-12.0, 0.0))
     tau = draw(st.sampled_from([0.0, 0.3, 1.0, math.inf]))

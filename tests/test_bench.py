@@ -67,3 +67,25 @@ def test_bench_end_to_end_tiny(tmp_path):
     assert {(r["tasks"], r["streaming"]) for r in saved["memory"]} == {(2, "true"), (2, "false")}
     assert all(r["peak_rss"] >= r["baseline_rss"] > 0 for r in saved["memory"])
     assert report["header"]["mode"] == "tiny"
+
+
+def test_track_precision_reports_every_merged_layer(reduced_gpt2_env, tmp_path):
+    """float32 against float64, per layer, on a built track's real experts (the reduced GPT-2)."""
+    from fusion_bench_ace.bench.report import tracks_section
+    from fusion_bench_ace.bench.tracks import method_settings, track_precision
+
+    from conftest import patched_environ
+
+    with patched_environ(reduced_gpt2_env):
+        result = track_precision("gpt2", "ace_gpt2", torch.device("cpu"), log=lambda *_: None)
+        missing = track_precision("clip", "ace_vit", torch.device("cpu"), log=lambda *_: None)
+    assert result["built"] and not missing["built"]
+    assert result["options"]["eps"] == method_settings("ace_gpt2")["eps"] == 4e-2
+    names = [layer["name"] for layer in result["layers"]]
+    assert names and all("score" not in name for name in names)  # the preset excludes the head
+    assert result["max_rel_err"] == max(layer["rel_err"] for layer in result["layers"]) <= 1e-5
+    assert all(layer["computed_in"] in ("float32", "float64") for layer in result["layers"])
+    text = "\n".join(tracks_section([result, missing]))
+    assert "| gpt2 | ace_gpt2 (eps=0.04, tau=0.3, k_frac=0.3) |" in text
+    assert f"| gpt2 | {names[0]} |" in text
+    assert "| clip | ace_vit | not built" in text

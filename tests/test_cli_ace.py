@@ -38,7 +38,7 @@ def run_cli(args, cwd, timeout=600):
     return result
 
 
-def expected_ace_gpt2_backbone(root: Path, eps: float) -> dict:
+def expected_ace_gpt2_backbone(root: Path, eps: float, **options) -> dict:
     """The merge computed directly with the core function, as the method config describes it."""
     pretrained = GPT2Model.from_pretrained(root / "pretrained").state_dict()
     experts = [GPT2Model.from_pretrained(root / task).state_dict() for task in TASKS]
@@ -46,7 +46,7 @@ def expected_ace_gpt2_backbone(root: Path, eps: float) -> dict:
     for name, base in pretrained.items():
         task_vectors = torch.stack([e[name] - base for e in experts])
         if base.dim() == 2:
-            merged = ace_merge_layer(task_vectors, eps=eps, tau=0.3, k_frac=0.3)
+            merged = ace_merge_layer(task_vectors, eps=eps, tau=0.3, k_frac=0.3, **options)
         else:
             merged = task_vectors.mean(dim=0)
         expected[name] = base + merged
@@ -79,6 +79,33 @@ def test_ace_cli_merges_and_evaluates(tiny_pool, tmp_path):
     diagnostics = json.loads((out / "logs" / "ace_diagnostics.json").read_text())
     assert diagnostics["eps"] == 4e-2
     assert any(layer["heterogeneous"] for layer in diagnostics["layers"])
+
+
+def test_ace_cli_relative_eps_and_scale_free_gamma(tiny_pool, tmp_path):
+    root, config_dir = tiny_pool
+    out = tmp_path / "out"
+    run_cli(
+        [
+            "--config-dir", str(config_dir),
+            "method=ace_gpt2", "modelpool=tiny_gpt2_test", "taskpool=tiny_gpt2_test",
+            "method.eps_mode=relative", "method.eps_rel=0.05",
+            "method.gamma_mode=scale_free", "method.tau_scale_free=0.5",
+            f"merged_model_save_path={out}/merged.pt", f"path.log_dir={out}/logs",
+        ],
+        cwd=tmp_path,
+    )
+    merged = torch.load(out / "merged.pt")
+    options = {"eps_mode": "relative", "eps_rel": 0.05, "gamma_mode": "scale_free",
+               "tau_scale_free": 0.5}
+    expected = expected_ace_gpt2_backbone(root, eps=4e-2, **options)
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    diagnostics = json.loads((out / "logs" / "ace_diagnostics.json").read_text())
+    assert {k: diagnostics[k] for k in options} == options
+    layers = diagnostics["layers"]
+    assert all(row["heterogeneous"] == (row["gamma"] > 0.5) for row in layers)
+    assert len({row["eps"] for row in layers}) > 1  # the ridge follows each layer's scale
 
 
 def test_ace_cli_from_repository_root(tiny_pool, tmp_path):
@@ -132,6 +159,9 @@ def test_ace_multirun_sweep_keeps_every_report(tiny_pool, tmp_path):
         ("method.epss=1", "Could not override 'method.epss'"),
         ("+method.epss=1", "unexpected keyword argument 'epss'"),
         ("method.k_frac=1.5", "k_frac must lie in [0, 1]"),
+        ("method.eps_mode=relativ", "eps_mode must be one of absolute, relative"),
+        ("method.eps_rel=0", "eps_rel must be a finite number > 0"),
+        ("method.gamma_mode=scalefree", "gamma_mode must be one of paper, scale_free"),
     ],
 )
 def test_bad_names_and_values_fail_clearly_through_the_cli(tiny_pool, tmp_path, override, message):

@@ -59,3 +59,17 @@ def test_spectra_are_recorded_for_the_chosen_layers_and_plotted(tmp_path):
     heterogeneous = sum(row["heterogeneous"] for row in algorithm.layer_info)
     assert f"{heterogeneous} of 2 matrices took the heterogeneous branch" in summary
     assert "| 1.weight | 8x10 |" in summary
+
+
+def test_scale_free_runs_are_summarised_with_their_own_statistic_and_threshold(tmp_path):
+    layers = [{"name": f"l{i}", "shape": [4, 3], "gamma": g, "heterogeneous": g > 0.693,
+               "rank_k": 0, "fallback": None} for i, g in enumerate([0.2, 1.5])]
+    path = tmp_path / "ace_diagnostics.json"
+    path.write_text(json.dumps({"eps": 1e-5, "tau": 0.3, "k_frac": 0.3, "eps_mode": "relative",
+                                "eps_rel": 0.01, "gamma_mode": "scale_free",
+                                "tau_scale_free": 0.693, "layers": layers}))
+    assert compare_main(["diagnostics", str(path), "--out", str(tmp_path / "plots")]) == 0
+    summary = (tmp_path / "plots" / "diagnostics.md").read_text()
+    assert "eps_rel=0.01 (relative), tau_scale_free=0.693" in summary
+    assert "1 of 2 matrices took the heterogeneous branch (Var[log e] > tau_scale_free)" in summary
+    assert "| layer | shape | Var[log e] | branch |" in summary

@@ -39,6 +39,13 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         eps: Tikhonov strength ε (paper: 1e-5 for CLIP ViT, 4e-2 GPT-2, 2e-4 RoBERTa-Base).
         tau: heterogeneity threshold τ; the heterogeneous branch runs when γ > τ.
         k_frac: spectral rank fraction of the refinement.
+        eps_mode: ``absolute`` (the paper: the ridge is ``eps``) or ``relative`` (the ridge is
+            ``eps_rel`` times each layer's mean Gram eigenvalue, the heterogeneous prior in the
+            same units; the merge scales with the task vectors). ``docs/ace_scale_free.md``.
+        eps_rel: the relative ridge of ``eps_mode=relative``.
+        gamma_mode: ``paper`` (γ = Var[log e] / Mean[log e]² against ``tau``) or ``scale_free``
+            (Var[log e] against ``tau_scale_free``, unchanged by a common rescaling).
+        tau_scale_free: the threshold of ``gamma_mode=scale_free``.
         scaling_factor: multiplies the merged task vector before it is added to the pretrained
             weights (the authors use 1.0).
         exclude_keys: regexes of parameters kept at their pretrained value (every name option
@@ -66,6 +73,10 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         eps: float = 1e-5,
         tau: float = 0.3,
         k_frac: float = 0.3,
+        eps_mode: str = "absolute",
+        eps_rel: Optional[float] = None,
+        gamma_mode: str = "paper",
+        tau_scale_free: Optional[float] = None,
         scaling_factor: float = 1.0,
         exclude_keys: Optional[Sequence[str]] = None,
         average_keys: Optional[Sequence[str]] = None,
@@ -77,7 +88,8 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
     ):
         # No **kwargs: a misspelt option (+method.epss=...) must fail, not be logged and ignored.
         super().__init__()
-        check_ace_hyperparameters(eps, tau, k_frac)
+        check_ace_hyperparameters(eps, tau, k_frac, eps_mode=eps_mode, eps_rel=eps_rel,
+                                  gamma_mode=gamma_mode, tau_scale_free=tau_scale_free)
         streaming_mode(streaming)
         if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
                 or not math.isfinite(scaling_factor):
@@ -105,22 +117,26 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         )
         log.info(
             "ACE-Merging %d experts: %d matrices by ACE, %d averaged, %d kept pretrained "
-            "(eps=%g, tau=%g, k_frac=%g, scaling_factor=%g, device=%s, streamed=%s)",
+            "(%s, k_frac=%g, scaling_factor=%g, device=%s, streamed=%s)",
             len(experts), len(plan.matrix), len(plan.average), len(plan.skip),
-            self.eps, self.tau, self.k_frac, self.scaling_factor, device, streamed,
+            self._describe_options(), self.k_frac, self.scaling_factor, device, streamed,
         )
         self.layer_info = []
 
         def merge_matrix(task_vectors: Tensor, name: str) -> Tensor:
             spectrum = self._spectrum.matches(name)
             info = ace_merge_layer_with_info(
-                task_vectors, self.eps, self.tau, self.k_frac, keep_preliminary=spectrum
+                task_vectors, self.eps, self.tau, self.k_frac, eps_mode=self.eps_mode,
+                eps_rel=self.eps_rel, gamma_mode=self.gamma_mode,
+                tau_scale_free=self.tau_scale_free, keep_preliminary=spectrum,
             )
             row = {
                 "name": name,
                 "shape": list(task_vectors.shape[1:]),
                 "gamma": info.gamma,
                 "heterogeneous": info.heterogeneous,
+                "eps": info.eps,
+                "compute_dtype": str(info.compute_dtype).removeprefix("torch."),
                 "rank_k": info.rank_k,
                 "tasks_used": info.tasks_used,
                 "fallback": info.fallback,
@@ -148,17 +164,28 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         self.print_profile_summary("ACE-Merging profile")
         return pretrained_model
 
+    def _describe_options(self) -> str:
+        ridge = (f"eps={self.eps:g}" if self.eps_mode == "absolute"
+                 else f"eps_mode=relative, eps_rel={self.eps_rel:g}")
+        branch = (f"tau={self.tau:g}" if self.gamma_mode == "paper"
+                  else f"gamma_mode=scale_free, tau_scale_free={self.tau_scale_free:g}")
+        return f"{ridge}, {branch}"
+
     def _report_diagnostics(self) -> None:
         if not self.layer_info:
             return
         heterogeneous = sum(1 for row in self.layer_info if row["heterogeneous"])
+        statistic = "gamma" if self.gamma_mode == "paper" else "Var[log e]"
+        threshold = self.tau if self.gamma_mode == "paper" else self.tau_scale_free
         log.info(
-            "ACE branches: %d of %d matrices heterogeneous (gamma > tau=%g)",
-            heterogeneous, len(self.layer_info), self.tau,
+            "ACE branches: %d of %d matrices heterogeneous (%s > %g)",
+            heterogeneous, len(self.layer_info), statistic, threshold,
         )
         if self.diagnostics:
             write_json_beside_report(self, "ace_diagnostics.json", {
                 "eps": self.eps, "tau": self.tau, "k_frac": self.k_frac,
+                "eps_mode": self.eps_mode, "eps_rel": self.eps_rel,
+                "gamma_mode": self.gamma_mode, "tau_scale_free": self.tau_scale_free,
                 "layers": self.layer_info,
             })
 

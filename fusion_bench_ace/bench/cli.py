@@ -16,6 +16,7 @@ from ..paths import config_dir
 from .layers import IMPLS, bench_model
 from .memory import memory_curve, memory_worker
 from .report import render
+from .tracks import track_precision
 
 
 def load_settings(path: Optional[str | Path] = None) -> Tuple[Path, dict]:
@@ -59,6 +60,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="override every run's repeats")
     parser.add_argument("--out", default=None, help="output folder (default: config's out)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory-vs-T curve")
+    parser.add_argument(
+        "--no-tracks", action="store_true", help="skip float32-vs-float64 on the embedded tracks"
+    )
     parser.add_argument(
         "--memory-worker", nargs=3, metavar=("ROOT", "T", "STREAMING"), help=argparse.SUPPRESS
     )
@@ -105,9 +109,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
             label = run["model"] + (f" (without {', '.join(sorted(excluded))})" if excluded else "")
             for num_tasks in run["tasks"]:
                 runs.append(bench_model(label, shapes, num_tasks, impls, repeats, settings, device))
+        tracks = [] if args.no_tracks else [
+            track_precision(track, preset, device) for track, preset in spec["tracks"].items()
+        ]
     memory = [] if args.no_memory else memory_curve(spec["memory"], settings)
     header["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    report = {"header": header, "runs": runs, "memory": memory, "memory_spec": spec["memory"]}
+    report = {"header": header, "runs": runs, "tracks": tracks, "memory": memory,
+              "memory_spec": spec["memory"]}
     text = render(report)
     print()
     print(text)

@@ -76,6 +76,7 @@ def render(report: dict) -> str:
             f"{run['branches']['heterogeneous']} het layer instances"
         )
         lines.append("- " + " ".join(parts))
+    lines += tracks_section(report.get("tracks") or [])
     if report.get("memory"):
         spec = report["memory_spec"]
         lines += [
@@ -103,3 +104,51 @@ def render(report: dict) -> str:
                 f"| {row['seconds']:.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def tracks_section(tracks: list) -> list:
+    """The report's lines on float32 against float64 on the embedded tracks (none if not run)."""
+    if not tracks:
+        return []
+    lines = [
+        "",
+        "## float32 against float64 on the embedded tracks' real weights",
+        "",
+        "Every 2-D weight the track's ACE preset merges, merged from the same float32 task vectors "
+        "in float32 (the default path) and in float64: `rel err` = ‖W₃₂ − W₆₄‖_F / ‖W₆₄‖_F "
+        "(target <= 1e-5). `computed in`: float64 when the float32 merge was predicted to miss "
+        "the target (ill-conditioned system) and done again in float64, or for short layers.",
+        "",
+        "| track | method | layers | max rel err | median | merged in float64 | float32 s "
+        "| float64 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    details = []
+    for track in tracks:
+        if not track["built"]:
+            lines.append(f"| {track['track']} | {track['method']} | not built "
+                         f"(`python -m fusion_bench_ace.mini build --track {track['track']}`) "
+                         "| | | | | |")
+            continue
+        shown = dict(track["options"])
+        if shown["eps_mode"] == "absolute":  # the paper's: the relative options are unused
+            shown = {k: v for k, v in shown.items() if k not in ("eps_mode", "eps_rel")}
+        if shown["gamma_mode"] == "paper":
+            shown = {k: v for k, v in shown.items() if k not in ("gamma_mode", "tau_scale_free")}
+        options = ", ".join(f"{k}={v}" for k, v in shown.items())
+        lines.append(
+            f"| {track['track']} | {track['method']} ({options}) | {len(track['layers'])} | "
+            f"{track['max_rel_err']:.1e} | {track['median_rel_err']:.1e} | "
+            f"{track['float64_layers']} | {track['seconds_float32']:.2f} | "
+            f"{track['seconds_float64']:.2f} |"
+        )
+        for layer in track["layers"]:
+            details.append(
+                f"| {track['track']} | {layer['name']} | {'x'.join(map(str, layer['shape']))} | "
+                f"{'het' if layer['heterogeneous'] else 'hom'} | {layer['computed_in']} | "
+                f"{layer['rel_err']:.1e} |"
+            )
+    if details:
+        lines += ["", "| track | layer | shape | branch | computed in | rel err |",
+                  "|---|---|---|---|---|---|", *details]
+    return lines

@@ -21,18 +21,29 @@ def load_diagnostics(path: Path) -> dict:
     return data
 
 
+def branch_rule(data: dict) -> tuple:
+    """``(statistic name, threshold name, threshold)`` of the run's ``gamma_mode``."""
+    if data.get("gamma_mode", "paper") == "scale_free":
+        return "Var[log e]", "tau_scale_free", data["tau_scale_free"]
+    return "gamma", "tau", data["tau"]
+
+
 def summary_markdown(data: dict, title: str) -> str:
     layers = data["layers"]
     heterogeneous = [row for row in layers if row["heterogeneous"]]
     gammas = [row["gamma"] for row in layers]
+    statistic, threshold_name, threshold = branch_rule(data)
+    ridge = (f"eps_rel={data['eps_rel']:g} (relative)" if data.get("eps_mode") == "relative"
+             else f"eps={data['eps']:g}")
     lines = [
         f"# {title}",
         "",
-        f"eps={data['eps']:g}, tau={data['tau']:g}, k_frac={data['k_frac']:g}: "
+        f"{ridge}, {threshold_name}={threshold:g}, k_frac={data['k_frac']:g}: "
         f"{len(heterogeneous)} of {len(layers)} matrices took the heterogeneous branch "
-        f"(gamma > tau); gamma from {min(gammas):.3g} to {max(gammas):.3g}.",
+        f"({statistic} > {threshold_name}); {statistic} from {min(gammas):.3g} to "
+        f"{max(gammas):.3g}.",
         "",
-        "| layer | shape | gamma | branch | k | fallback |",
+        f"| layer | shape | {statistic} | branch | k | fallback |",
         "|---|---|---:|---|---:|---|",
     ]
     for row in layers:
@@ -50,16 +61,16 @@ def plot_gamma(data: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     layers = data["layers"]
+    statistic, threshold_name, threshold = branch_rule(data)
     colours = ["tab:red" if row["heterogeneous"] else "tab:blue" for row in layers]
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(layers) + 3), 3.6))
     ax.bar(range(len(layers)), [row["gamma"] for row in layers], color=colours)
-    ax.axhline(
-        data["tau"], color="black", linestyle="--", linewidth=1, label=f"tau = {data['tau']:g}"
-    )
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1,
+               label=f"{threshold_name} = {threshold:g}")
     ax.bar([], [], color="tab:red", label="heterogeneous (trace-normalised + refinement)")
     ax.bar([], [], color="tab:blue", label="homogeneous")
     ax.set_xlabel("merged matrix (model order)")
-    ax.set_ylabel("gamma (Eq. 7)")
+    ax.set_ylabel("gamma (Eq. 7)" if statistic == "gamma" else statistic)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
