@@ -17,7 +17,7 @@ from fusion_bench.mixins import SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
 from ..ace import ace_merge_layer_with_info, check_ace_hyperparameters
-from ..merging import merge_state_dicts, plan_parameters
+from ..merging import merge_in_place, plan_parameters
 from ..selection import NamePatterns
 from .common import (
     conv1d_weight_names,
@@ -134,7 +134,8 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
             return info.merged
 
         with self.profile("merge"):
-            merged = merge_state_dicts(
+            # written into the pretrained model's own tensors: one model in memory, not two
+            merge_in_place(
                 pretrained,
                 experts,
                 merge_matrix,
@@ -143,7 +144,6 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
                 device=device,
                 progress=layer_progress("ACE-Merging"),
             )
-        pretrained_model.load_state_dict(merged)
         self._report_diagnostics()
         self.print_profile_summary("ACE-Merging profile")
         return pretrained_model
