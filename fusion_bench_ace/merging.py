@@ -5,12 +5,13 @@ merged task vector``; this module decides which parameters are merged how, check
 against the pretrained model before any heavy work, and streams tensor by tensor over
 ``Mapping[str, Tensor]`` checkpoints (in-memory state dicts or lazy ones), so a lazy source keeps
 only one parameter's task vectors in memory. Each merged tensor goes where it belongs as soon as it
-is computed (into the pretrained model's own storage: :func:`merge_in_place`), so no second model
-is ever built. No FusionBench import.
+is computed: into the pretrained model's own storage (:func:`merge_in_place`) or into a checkpoint
+file (:mod:`fusion_bench_ace.checkpoint`), so no second model is ever built. No FusionBench import.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import (
     Callable,
@@ -28,6 +29,7 @@ from typing import (
 import torch
 from torch import Tensor
 
+from .checkpoint import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, TensorSpec
 from .selection import NamePatterns
 from .tensors import check_finite, compute_dtype_for
 
@@ -81,23 +83,32 @@ def plan_parameters(
 
 
 def check_experts_match(
-    pretrained: StateDict, experts: Mapping[str, StateDict], *, max_listed: int = 5
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    *,
+    ignore: Iterable[str] = (),
+    max_listed: int = 5,
 ) -> None:
     """Raise ``ValueError`` unless every expert has the pretrained model's names and shapes.
 
     The message names the expert and lists its first mismatches (missing, unexpected, shape).
+    Names in ``ignore`` (parameters kept at their pretrained value, never read from the experts)
+    may be missing or have another shape, e.g. an embedding with more rows than the pretrained
+    vocabulary that the exclusions keep out of the merge.
     """
+    ignore = set(ignore)
     if len(experts) < 2:
         raise ValueError(
             f"merging needs at least two fine-tuned experts; the pool has {len(experts)}: "
             f"{list(experts)}"
         )
-    reference = {name: tuple(t.shape) for name, t in pretrained.items()}
+    reference = {name: tuple(t.shape) for name, t in pretrained.items() if name not in ignore}
     problems = []
     for expert_name, state in experts.items():
         shapes = {name: tuple(t.shape) for name, t in state.items()}
         issues = [f"missing {name}" for name in reference if name not in shapes]
-        issues += [f"unexpected {name}" for name in shapes if name not in reference]
+        issues += [f"unexpected {name}" for name in shapes
+                   if name not in reference and name not in ignore]
         issues += [
             f"{name}: shape {shapes[name]} vs pretrained {reference[name]}"
             for name in reference
@@ -111,6 +122,9 @@ def check_experts_match(
         raise ValueError(
             "the experts do not match the pretrained model's architecture:\n  "
             + "\n  ".join(problems)
+            + "\n(parameters kept at their pretrained value by the method's exclusions are not "
+            "compared: exclude a tensor whose shape differs, e.g. an embedding with added tokens, "
+            "to merge the rest)"
         )
 
 
@@ -257,3 +271,36 @@ def merge_in_place(
         target = pretrained[name]
         if merged is not target:
             target.copy_(merged)
+
+
+def write_merged_checkpoint(
+    directory: str | os.PathLike,
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    matrix_merge: TensorMerge,
+    plan: ParameterPlan,
+    *,
+    specs: Sequence[TensorSpec],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    scaling_factor: float = 1.0,
+    device: str | torch.device = "cpu",
+    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+) -> List[str]:
+    """Merge into safetensors shards in ``directory``, each tensor written as it is computed.
+
+    ``specs`` lists every tensor of the checkpoint (name, shape, dtype) in the order they are
+    merged and written (usually the pretrained checkpoint's, from its headers). With lazy
+    ``pretrained`` and ``experts`` (:mod:`fusion_bench_ace.streaming`), memory holds one
+    parameter's task vectors and its merged tensor, whatever the model size. Returns the files
+    written (:class:`fusion_bench_ace.checkpoint.ShardedSafetensorsWriter`).
+    """
+    writer = ShardedSafetensorsWriter(directory, specs, max_shard_size)
+    try:
+        for name, merged in merged_tensors(
+            pretrained, experts, matrix_merge, plan, names=[spec.name for spec in specs],
+            scaling_factor=scaling_factor, device=device, progress=progress,
+        ):
+            writer.write(name, merged)
+        return writer.finish()
+    finally:
+        writer.abort()
