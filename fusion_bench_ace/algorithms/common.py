@@ -306,6 +306,9 @@ def tensor_specs(state: Mapping[str, Tensor]) -> List[TensorSpec]:
     return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in state.items()]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def write_model_files(directory: Path, modelpool: BaseModelPool, checkpoints: PoolCheckpoints
                       ) -> None:
     """What ``save_pretrained`` writes beside the weights: the tokenizer (the pool's, else the
@@ -315,17 +318,16 @@ def write_model_files(directory: Path, modelpool: BaseModelPool, checkpoints: Po
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = None
+    pretrained = Path(checkpoints.pretrained_path)
     if getattr(modelpool, "tokenizer", None) is not None and hasattr(modelpool, "load_tokenizer"):
         tokenizer = modelpool.load_tokenizer()
+    elif any((pretrained / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
     else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(checkpoints.pretrained_path)
-        except (OSError, ValueError, KeyError) as error:
-            log.info("no tokenizer written: the pool names none and %s has none (%s)",
-                     checkpoints.pretrained_path, error)
+        log.info("no tokenizer written: the pool names none and %s has none", pretrained)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
-    generation = Path(checkpoints.pretrained_path) / "generation_config.json"
+    generation = pretrained / "generation_config.json"
     if generation.is_file():
         shutil.copyfile(generation, directory / generation.name)
     config = AutoConfig.from_pretrained(checkpoints.pretrained_path)
