@@ -109,6 +109,32 @@ def test_sharded_output_loads_with_from_pretrained(bf16_pool, tmp_path):
         assert torch.equal(written[name], pretrained.state_dict()[name])
 
 
+@pytest.mark.parametrize("torch_dtype, expected", [(None, torch.float32),
+                                                    ("float16", torch.float16)])
+def test_the_checkpoint_has_the_dtype_the_pool_loads_models_in(bf16_pool, tmp_path, torch_dtype,
+                                                               expected):
+    config = {**bf16_pool, "model_kwargs": {} if torch_dtype is None else
+              {"torch_dtype": torch_dtype}}
+    assert ace().merge_to_checkpoint(causal_lm_pool(config), tmp_path / "merged")
+    written = checkpoint_tensors(tmp_path / "merged")
+    assert {t.dtype for t in written.values()} == {expected}
+    # as from_pretrained with that torch_dtype, then merged in memory
+    in_memory = ace(streaming="false").run(causal_lm_pool(config)).state_dict()
+    assert all(torch.equal(written[k], in_memory[k]) for k in written)
+
+
+def test_torch_dtype_auto_is_the_checkpoints_own(bf16_pool):
+    from fusion_bench import BaseModelPool
+
+    from fusion_bench_ace.algorithms.common import pool_torch_dtype
+
+    path = bf16_pool["models"]["_pretrained_"]
+    entry = {"_target_": "transformers.AutoModelForCausalLM.from_pretrained",
+             "pretrained_model_name_or_path": path, "torch_dtype": "auto"}
+    pool = BaseModelPool(OmegaConf.create({"_pretrained_": entry}))
+    assert pool_torch_dtype(pool, "_pretrained_", path) == torch.bfloat16
+
+
 def test_tied_embeddings_stay_tied(tied_pool, tmp_path):
     target = tmp_path / "merged"
     assert ace(streaming="true").merge_to_checkpoint(causal_lm_pool(tied_pool), target)
