@@ -4,17 +4,32 @@ MergeKit-style: a merge method is a per-tensor function ``(task_vectors (T, *sha
 merged task vector``; this module decides which parameters are merged how, checks the experts
 against the pretrained model before any heavy work, and streams tensor by tensor over
 ``Mapping[str, Tensor]`` checkpoints (in-memory state dicts or lazy ones), so a lazy source keeps
-only one parameter's task vectors in memory. No FusionBench import.
+only one parameter's task vectors in memory. Each merged tensor goes where it belongs as soon as it
+is computed: into the pretrained model's own storage (:func:`merge_in_place`) or into a checkpoint
+file (:mod:`fusion_bench_ace.checkpoint`), so no second model is ever built. No FusionBench import.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import (
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import torch
 from torch import Tensor
 
+from .checkpoint import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, TensorSpec
 from .selection import NamePatterns
 from .tensors import check_finite, compute_dtype_for
 
@@ -68,23 +83,32 @@ def plan_parameters(
 
 
 def check_experts_match(
-    pretrained: StateDict, experts: Mapping[str, StateDict], *, max_listed: int = 5
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    *,
+    ignore: Iterable[str] = (),
+    max_listed: int = 5,
 ) -> None:
     """Raise ``ValueError`` unless every expert has the pretrained model's names and shapes.
 
     The message names the expert and lists its first mismatches (missing, unexpected, shape).
+    Names in ``ignore`` (parameters kept at their pretrained value, never read from the experts)
+    may be missing or have another shape, e.g. an embedding with more rows than the pretrained
+    vocabulary that the exclusions keep out of the merge.
     """
+    ignore = set(ignore)
     if len(experts) < 2:
         raise ValueError(
             f"merging needs at least two fine-tuned experts; the pool has {len(experts)}: "
             f"{list(experts)}"
         )
-    reference = {name: tuple(t.shape) for name, t in pretrained.items()}
+    reference = {name: tuple(t.shape) for name, t in pretrained.items() if name not in ignore}
     problems = []
     for expert_name, state in experts.items():
         shapes = {name: tuple(t.shape) for name, t in state.items()}
         issues = [f"missing {name}" for name in reference if name not in shapes]
-        issues += [f"unexpected {name}" for name in shapes if name not in reference]
+        issues += [f"unexpected {name}" for name in shapes
+                   if name not in reference and name not in ignore]
         issues += [
             f"{name}: shape {shapes[name]} vs pretrained {reference[name]}"
             for name in reference
@@ -98,6 +122,9 @@ def check_experts_match(
         raise ValueError(
             "the experts do not match the pretrained model's architecture:\n  "
             + "\n  ".join(problems)
+            + "\n(parameters kept at their pretrained value by the method's exclusions are not "
+            "compared: exclude a tensor whose shape differs, e.g. an embedding with added tokens, "
+            "to merge the rest)"
         )
 
 
@@ -124,31 +151,34 @@ def stacked_task_vectors(
     return stacked
 
 
-def merge_state_dicts(
+def merged_tensors(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
     matrix_merge: TensorMerge,
     plan: ParameterPlan,
     *,
+    names: Optional[Sequence[str]] = None,
     scaling_factor: float = 1.0,
     device: str | torch.device = "cpu",
     progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
-) -> Dict[str, Tensor]:
-    """``pretrained + scaling_factor * merged task vector`` for every parameter.
+) -> Iterator[Tuple[str, Tensor]]:
+    """Yield ``(name, pretrained + scaling_factor * merged task vector)`` one parameter at a time.
 
-    Matrix parameters go through ``matrix_merge`` (transposed first if planned), averaged ones
-    through the mean of their task vectors, skipped ones keep the pretrained value. Each result
-    is cast back to the pretrained dtype and returned on the CPU.
+    ``names`` (default: every pretrained name, in order) are visited one by one; only the
+    visited parameter's task vectors are in memory. Matrix parameters go through
+    ``matrix_merge`` (transposed first if planned), averaged ones through the mean of their task
+    vectors; skipped ones yield ``pretrained[name]`` itself. Each result has the pretrained dtype
+    and lies on ``device``; consumers copy it where it goes (:func:`merge_in_place`, or a
+    checkpoint writer) before asking for the next.
     """
     device = torch.device(device)
-    merged: Dict[str, Tensor] = {}
-    names = list(pretrained.keys())
+    names = list(pretrained.keys()) if names is None else list(names)
     iterator = progress(names) if progress is not None else names
     matrix, average = set(plan.matrix), set(plan.average)
     for name in iterator:
         base = pretrained[name]
         if name not in matrix and name not in average:
-            merged[name] = base.detach().clone().cpu()
+            yield name, base
             continue
         dtype = compute_dtype_for(base.dtype)
         task_vectors = stacked_task_vectors(name, base, experts, device=device, dtype=dtype)
@@ -161,6 +191,7 @@ def merge_state_dicts(
                 merged_tv = merged_tv.T
         else:
             merged_tv = task_vectors.mean(dim=0)
+        del task_vectors
         result = (base.to(device=device, dtype=dtype) + scaling_factor * merged_tv).to(base.dtype)
         if not bool(torch.isfinite(result).all()):  # finite in the compute dtype, not in base's
             raise ValueError(
@@ -168,6 +199,108 @@ def merge_state_dicts(
                 f"(max |task vector| {float(merged_tv.abs().max()):.3g}, scaling_factor "
                 f"{scaling_factor}); lower the scaling or merge in float32"
             )
-        merged[name] = result.cpu()
-        del task_vectors, merged_tv, result
-    return merged
+        del merged_tv
+        yield name, result
+        del result
+
+
+def distinct_storage_names(state: StateDict, plan: ParameterPlan) -> List[str]:
+    """The names of ``state`` minus the aliases of an earlier name (tied weights share storage).
+
+    Writing the merged value of the first name of a tied group writes every name of the group.
+    Raises ``ValueError`` when tied names are planned differently (one excluded, one merged: no
+    single value satisfies both) or when parameters overlap in memory without being the same view.
+    """
+    category = {name: "matrix" for name in plan.matrix}
+    category.update({name: "average" for name in plan.average})
+    first_view: Dict[Tuple, str] = {}
+    first_storage: Dict[int, Tuple[Tuple, str]] = {}
+    names = []
+    for name, tensor in state.items():
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            names.append(name)
+            continue
+        pointer = tensor.untyped_storage().data_ptr()
+        view = (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+                tensor.dtype)
+        twin = first_view.get(view)
+        if twin is not None:
+            if category.get(twin, "skip") != category.get(name, "skip"):
+                raise ValueError(
+                    f"'{name}' and '{twin}' are tied (one tensor) but planned differently "
+                    f"({category.get(name, 'kept pretrained')} vs "
+                    f"{category.get(twin, 'kept pretrained')}): exclude both or neither"
+                )
+            continue
+        if pointer in first_storage:
+            raise ValueError(
+                f"'{name}' and '{first_storage[pointer][1]}' overlap in memory as different views; "
+                "they cannot be merged in place"
+            )
+        first_view[view] = name
+        first_storage[pointer] = (view, name)
+        names.append(name)
+    return names
+
+
+def merge_in_place(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    matrix_merge: TensorMerge,
+    plan: ParameterPlan,
+    *,
+    scaling_factor: float = 1.0,
+    device: str | torch.device = "cpu",
+    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+) -> None:
+    """Overwrite ``pretrained``'s tensors with the merge, each as soon as it is computed.
+
+    ``pretrained`` is the state dict of the model that becomes the merged model
+    (``model.state_dict()`` shares its parameters' storage), so the merge holds that one model,
+    the experts' tensors of one parameter and the merged tensor, never a second model. Tied
+    weights are merged once (:func:`distinct_storage_names`). Each parameter is read before it is
+    written and no parameter depends on another's pretrained value, so the result is the merge of
+    the untouched pretrained model. If an error is raised, the parameters before it are already
+    merged: discard the model.
+    """
+    names = distinct_storage_names(pretrained, plan)
+    for name, merged in merged_tensors(
+        pretrained, experts, matrix_merge, plan, names=names, scaling_factor=scaling_factor,
+        device=device, progress=progress,
+    ):
+        target = pretrained[name]
+        if merged is not target:
+            target.copy_(merged)
+
+
+def write_merged_checkpoint(
+    directory: str | os.PathLike,
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    matrix_merge: TensorMerge,
+    plan: ParameterPlan,
+    *,
+    specs: Sequence[TensorSpec],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    scaling_factor: float = 1.0,
+    device: str | torch.device = "cpu",
+    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+) -> List[str]:
+    """Merge into safetensors shards in ``directory``, each tensor written as it is computed.
+
+    ``specs`` lists every tensor of the checkpoint (name, shape, dtype) in the order they are
+    merged and written (usually the pretrained checkpoint's, from its headers). With lazy
+    ``pretrained`` and ``experts`` (:mod:`fusion_bench_ace.streaming`), memory holds one
+    parameter's task vectors and its merged tensor, whatever the model size. Returns the files
+    written (:class:`fusion_bench_ace.checkpoint.ShardedSafetensorsWriter`).
+    """
+    writer = ShardedSafetensorsWriter(directory, specs, max_shard_size)
+    try:
+        for name, merged in merged_tensors(
+            pretrained, experts, matrix_merge, plan, names=[spec.name for spec in specs],
+            scaling_factor=scaling_factor, device=device, progress=progress,
+        ):
+            writer.write(name, merged)
+        return writer.finish()
+    finally:
+        writer.abort()

@@ -1,4 +1,4 @@
-"""FusionBench's program with two additions: the merge's cost, and safe saving.
+"""FusionBench's program with three additions: the merge's cost, safe saving, streamed saving.
 
 Use it with ``fusion_bench --config-name ace_model_fusion ...`` (our root config) or
 ``fusion_bench _target_=fusion_bench_ace.program.FusionProgram ...``; the comparison runner does.
@@ -9,15 +9,20 @@ Use it with ``fusion_bench --config-name ace_model_fusion ...`` (our root config
 - ``merged_model_save_path``: checked before any merging (an existing file or directory is an
   error unless ``overwrite_merged_model=true``), written to a temporary sibling and renamed into
   place, so an interrupted save never leaves a half-written checkpoint under the final name.
+- With no task pool (``'~taskpool'``) nothing needs the merged model in memory: a method that
+  can (``merge_to_checkpoint``: ACE) writes it tensor by tensor straight into
+  ``merged_model_save_path`` as a Hugging Face checkpoint directory (sharded safetensors;
+  ``merged_model_save_kwargs.max_shard_size``), and the run returns no model. When the pool
+  cannot be streamed (not local safetensors checkpoints), the usual in-memory merge and save run.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -26,17 +31,13 @@ from fusion_bench.programs import FabricModelFusionProgram
 from fusion_bench.utils import timeit_context
 
 from . import provenance
+from .checkpoint import staged_path
+
+log = logging.getLogger(__name__)
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 class FusionProgram(FabricModelFusionProgram):
@@ -51,6 +52,8 @@ class FusionProgram(FabricModelFusionProgram):
     def _instantiate_and_setup(self, config, compat_load_fn=None):
         obj = super()._instantiate_and_setup(config, compat_load_fn)
         if compat_load_fn is not None and compat_load_fn.endswith("load_algorithm_from_config"):
+            if self._streams_to_disk(obj):
+                obj.run = self._streamed(obj)
             obj.run = self._timed(obj.run)
         return obj
 
@@ -77,6 +80,34 @@ class FusionProgram(FabricModelFusionProgram):
 
         return timed_run
 
+    # --- merging straight to disk ---------------------------------------------------------------
+
+    def _streams_to_disk(self, method) -> bool:
+        """No task pool needs the merged model in memory, a path is given, and the method can
+        write its merge tensor by tensor (``merge_to_checkpoint``)."""
+        return (self._taskpool is None and self._merged_model_path() is not None
+                and callable(getattr(method, "merge_to_checkpoint", None)))
+
+    def _streamed(self, method):
+        run = method.run
+
+        @functools.wraps(run)
+        def streamed_run(modelpool):
+            kwargs = dict(self.merged_model_save_kwargs or {})
+            shard_size = kwargs.pop("max_shard_size", None)
+            written = method.merge_to_checkpoint(
+                modelpool, self._merged_model_path(), overwrite=self.overwrite_merged_model,
+                **({} if shard_size is None else {"max_shard_size": shard_size}),
+            )
+            if not written:  # the pool cannot be streamed: merge in memory, saved as usual
+                return run(modelpool)
+            if kwargs:
+                log.warning("merged_model_save_kwargs %s do not apply to a checkpoint written "
+                            "by streaming (only max_shard_size does)", sorted(kwargs))
+            return None  # nothing left for FusionBench to save or evaluate
+
+        return streamed_run
+
     # --- safe saving ------------------------------------------------------------------------------
 
     def _merged_model_path(self) -> Path | None:
@@ -91,28 +122,13 @@ class FusionProgram(FabricModelFusionProgram):
         final = self._merged_model_path()
         if final is None:
             return super().save_merged_model(merged_model)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # write under the final name inside a private directory: file formats that embed the
-        # name (torch.save) come out byte-identical to a direct save
-        staging = final.parent / f".{final.name}.saving-{os.getpid()}"
-        retired = final.parent / f".{final.name}.old-{os.getpid()}"
-        _remove(staging)
-        staging.mkdir()
-        try:
+        # the final name inside a private directory: formats that embed the name (torch.save)
+        # come out byte-identical to a direct save
+        with staged_path(final, overwrite=self.overwrite_merged_model) as staging:
             with timeit_context(f"Saving the merged model to {final}"):
                 self.modelpool.save_model(
-                    merged_model, str(staging / final.name), **(self.merged_model_save_kwargs or {})
+                    merged_model, str(staging), **(self.merged_model_save_kwargs or {})
                 )
-            if final.exists() or final.is_symlink():
-                final.rename(retired)  # only reached with overwrite_merged_model=true
-            (staging / final.name).rename(final)
-        except BaseException:
-            if retired.exists() and not final.exists():
-                retired.rename(final)
-            raise
-        finally:
-            _remove(staging)
-        _remove(retired)
 
     def run(self):
         final = self._merged_model_path()

@@ -4,7 +4,7 @@ The in-memory path loads every expert as a model (``T`` models in memory). When 
 safetensors checkpoints (a Hugging Face ``save_pretrained`` directory, sharded or not, or a
 ``.safetensors`` file), :class:`SafetensorsStateDict` is a read-only ``Mapping[str, Tensor]`` that
 opens the file, reads one tensor and closes it again on every lookup, so the merge driver
-(:func:`fusion_bench_ace.merging.merge_state_dicts`, which asks for one parameter of every expert
+(:func:`fusion_bench_ace.merging.merged_tensors`, which asks for one parameter of every expert
 at a time) keeps only one parameter's task vectors of all experts in memory, whatever ``T``.
 Each lookup opens and closes the file, so no memory map stays open and the pages read do not
 accumulate in the process's resident memory.
@@ -29,17 +29,16 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from .checkpoint import CODE_DTYPES, SAFE_INDEX, SAFE_WEIGHTS
+
 __all__ = [
     "SafetensorsStateDict",
     "StreamingUnavailable",
     "match_keys",
+    "open_checkpoint",
     "open_expert",
     "safetensors_files",
 ]
-
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-
 
 class StreamingUnavailable(ValueError):
     """The checkpoint cannot be streamed (not safetensors, or keys that do not match)."""
@@ -70,16 +69,22 @@ def safetensors_files(path: str | os.PathLike) -> Optional[Dict[str, str]]:
     return keys
 
 
-def _file_shapes(files: Mapping[str, str]) -> Dict[str, Tuple[int, ...]]:
-    shapes = {}
+def _file_headers(files: Mapping[str, str]) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, dtype)}`` from the files' headers (no tensor is read)."""
+    headers = {}
     by_file: Dict[str, List[str]] = {}
     for key, file in files.items():
         by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
         with safe_open(file, framework="pt") as handle:
             for key in keys:
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
+                view = handle.get_slice(key)
+                code = view.get_dtype()
+                if code not in CODE_DTYPES:
+                    raise StreamingUnavailable(f"{file}: tensor '{key}' has dtype {code}, "
+                                               "which the merge does not read")
+                headers[key] = (tuple(view.get_shape()), CODE_DTYPES[code])
+    return headers
 
 
 def match_keys(
@@ -162,12 +167,17 @@ class SafetensorsStateDict(Mapping[str, Tensor]):
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """``{name: shape}`` from the headers, without reading any tensor."""
-        file_shapes = _file_shapes({key: self._files[key] for key in set(self._key_map.values())})
-        return {name: file_shapes[key] for name, key in self._key_map.items()}
+        return {name: tensor.shape for name, tensor in self.meta().items()}
 
     def meta(self) -> Dict[str, Tensor]:
-        """``{name: meta tensor of the stored shape}``: for shape checks, no memory."""
-        return {name: torch.empty(shape, device="meta") for name, shape in self.shapes().items()}
+        """``{name: meta tensor}`` of the shape stored and the dtype read (the cast dtype if one
+        is set, else the stored one): for planning and shape checks, no memory."""
+        headers = _file_headers({key: self._files[key] for key in set(self._key_map.values())})
+        meta = {}
+        for name, key in self._key_map.items():
+            shape, stored = headers[key]
+            meta[name] = torch.empty(shape, dtype=self._dtypes.get(name, stored), device="meta")
+        return meta
 
 
 def open_expert(
@@ -184,3 +194,24 @@ def open_expert(
     mapping, unmatched = match_keys(reference, list(files))
     dtypes = {name: reference[name].dtype for name in mapping}
     return SafetensorsStateDict(files, mapping, dtypes), unmatched
+
+
+def open_checkpoint(
+    path: str | os.PathLike, dtype: Optional[torch.dtype] = None
+) -> SafetensorsStateDict:
+    """A lazy state dict of the checkpoint at ``path`` under its own keys.
+
+    ``dtype``: floating-point tensors are cast to it on read (as ``from_pretrained(...,
+    torch_dtype=dtype)`` casts them), other tensors keep their stored dtype; ``None`` keeps every
+    stored dtype. Raises :class:`StreamingUnavailable` if ``path`` is not a safetensors checkpoint.
+    """
+    files = safetensors_files(path)
+    if files is None:
+        raise StreamingUnavailable(f"{os.fspath(path)!r} is not a safetensors checkpoint")
+    state = SafetensorsStateDict(files, {key: key for key in files})
+    if dtype is not None:
+        state = SafetensorsStateDict(files, {key: key for key in files}, {
+            name: dtype for name, tensor in state.meta().items() if tensor.is_floating_point()
+        })
+    return state
+

@@ -89,3 +89,23 @@ def test_track_precision_reports_every_merged_layer(reduced_gpt2_env, tmp_path):
     assert "| gpt2 | ace_gpt2 (eps=0.04, tau=0.3, k_frac=0.3) |" in text
     assert f"| gpt2 | {names[0]} |" in text
     assert "| clip | ace_vit | not built" in text
+
+
+def test_llm_bench_end_to_end_tiny(tmp_path):
+    """Synthetic Llama experts; the four merge paths and both readers each in a subprocess."""
+    from fusion_bench_ace.bench.llm import PATHS, READERS
+    from fusion_bench_ace.bench.llm import main as llm_main
+
+    report = llm_main(["--tiny", "--out", str(tmp_path)])
+    md = (tmp_path / "llm_bench_tiny.md").read_text()
+    assert "command: `python -m fusion_bench_ace.bench.llm --tiny" in md and "shared" in md
+    (size,) = json.loads((tmp_path / "llm_bench_tiny.json").read_text())["sizes"]
+    assert [row["path"] for row in size["rows"]] == list(PATHS)
+    assert [row["path"] for row in size["readers"]] == list(READERS)
+    # both readers read the same tensors (in the pool's bf16, summed in float32)
+    sums = [row["checksum"] for row in size["readers"]]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-6)
+    assert all(row["peak_rss"] >= row["baseline_rss"] > 0 and row["seconds"] > 0
+               for row in size["rows"] + size["readers"])
+    assert size["layer_times"]["3"]["floor"] > 0  # JSON keys are strings
+    assert report["header"]["mode"] == "tiny"

@@ -54,7 +54,16 @@ ACE_PRESET = {
     "gpt2": "method=ace_gpt2",
     "roberta_base": "method=ace_roberta_base",
     "roberta_large": "method=ace_roberta_large",
+    "llama": "method=ace_llama",
 }
+# the methods every paper benchmark runs; LLaMA2-13B + WizardMath (32001 embedding rows) is only
+# mergeable with the embedding and head kept pretrained, which FusionBench's methods cannot do
+BASELINES = {"pretrained", "individual", "simple_average", "task_arithmetic", "ties_merging",
+             "tsv_m", "ace"}
+REQUIRED_METHODS = {"llama2_13b_wizard2": {"pretrained", "individual", "task_arithmetic_nan",
+                                           "ties_merging_nan", "ace"}}
+# task pools that need the optional lm-eval package (FusionBench's LMEvalHarnessTaskPool)
+LM_EVAL_TARGETS = {"fusion_bench_ace.taskpools.lm_eval.LMEvalReportTaskPool"}
 
 
 def test_the_paper_benchmarks_are_all_there():
@@ -63,20 +72,13 @@ def test_the_paper_benchmarks_are_all_there():
     }
     expected |= {f"openclip_vit_{a}_ta8" for a in ("b32", "b16", "l14")}
     expected |= {"gpt2_glue7", "roberta_base_glue8", "roberta_large_glue8"}
+    expected |= {"llama32_3b_mergebench3", "llama2_13b_wizard2"}
     assert set(PAPER_BENCHMARKS) == expected
     for name in PAPER_BENCHMARKS:
         spec = load_benchmark(name)
         family = next(k for k in sorted(ACE_PRESET, key=len, reverse=True) if name.startswith(k))
         assert spec["methods"]["ace"] == [ACE_PRESET[family], "method.device=auto"], name
-        assert {
-            "pretrained",
-            "individual",
-            "simple_average",
-            "task_arithmetic",
-            "ties_merging",
-            "tsv_m",
-            "ace",
-        } <= set(spec["default_methods"]), name
+        assert REQUIRED_METHODS.get(name, BASELINES) <= set(spec["default_methods"]), name
         assert spec["sweep"]["method"] == ACE_PRESET[family].split("=")[1]
         assert all(k.startswith("method.") and v for k, v in spec["sweep"]["grid"].items())
         for override in spec[
@@ -240,15 +242,33 @@ def test_every_paper_command_composes_and_its_targets_import(composed):
         for group in ("method", "modelpool", "taskpool"):
             assert config.get(group) and "_target_" in config[group], (name, method, group)
         spec = load_benchmark(name)
-        assert list(config["taskpool"]["test_datasets"]) == spec["tasks"], name
-        assert [m for m in config["modelpool"]["models"] if m != "_pretrained_"] == spec["tasks"], (
-            name
-        )
+        taskpool = config["taskpool"]
+        assert list(taskpool.get("test_datasets") or taskpool["tasks"]) == spec["tasks"], name
+        experts = [m for m in config["modelpool"]["models"] if m != "_pretrained_"]
+        assert sorted(experts) == sorted(benchmark_experts(spec)), name
         if method == "ace":
             assert config["method"]["_target_"] == "fusion_bench_ace.algorithms.ace.ACEMerging"
         seen |= set(targets({g: config[g] for g in ("method", "modelpool", "taskpool")}))
-    for target in sorted(seen):
+    for target in sorted(seen - LM_EVAL_TARGETS):
         assert callable(locate(target)), target
+    assert LM_EVAL_TARGETS <= seen
+
+
+def test_the_lm_eval_task_pool_imports():
+    pytest.importorskip("lm_eval", reason="lm-eval (optional: pip install lm-eval) is missing")
+    for target in LM_EVAL_TARGETS:
+        assert callable(locate(target)), target
+
+
+def benchmark_experts(spec: dict) -> list:
+    """The experts of a benchmark: ``experts``, else those ``normalize`` relates the tasks to
+    (ACE Table 9: several tasks per expert), else one per task."""
+    if spec.get("experts"):
+        return list(spec["experts"])
+    how = spec.get("normalize")
+    if isinstance(how, dict):
+        return list(dict.fromkeys(how["individual"].values()))
+    return list(spec["tasks"])
 
 
 def test_every_hub_id_resolves_to_its_local_copy(composed):
@@ -424,7 +444,9 @@ def test_paper_numbers_match_the_benchmarks():
                 assert list(entry["scores"]) == spec["tasks"], (name, entry["method"])
         rows = paper_rows(spec)
         assert len(rows) == len(entries)
-        assert any(r.name == "ACE-Merging" for r in rows), name
+        # every paper table of ACE-Merging has its row; NAN's Table 2 has NAN's rows
+        expected = "TA + NAN" if name == "llama2_13b_wizard2" else "ACE-Merging"
+        assert any(r.name == expected for r in rows), name
     assert set(table) - set(PAPER_BENCHMARKS) == {"symerge_glue8_unnamed_model"}
     assert list(table["symerge_glue8_unnamed_model"]["rows"][0]["scores"]) == RB_TASKS
 
@@ -467,6 +489,36 @@ def _md_tables(text: str):
 
 def _value(cell: str) -> float:
     return float(cell.split("±")[0])
+
+
+LLM_PAPER_TABLES_MD = REPO / "docs" / "llm.md"
+
+
+def test_llm_paper_numbers_are_the_documented_tables():
+    """ACE Tables 8-9 and NAN Table 2, as docs/llm.md prints them (copied from the papers)."""
+    tables = _md_tables(LLM_PAPER_TABLES_MD.read_text())
+
+    def pick(first_cell):
+        (hit,) = [t for t in tables if t[0][0] == first_cell]
+        return {row[0]: [_value(c) if c else None for c in row[1:]] for row in hit[1:]}
+
+    table8, table9 = pick("ACE Table 8 (raw)"), pick("ACE Table 9 (normalised %)")
+    nan2 = pick("NAN Table 2")
+    names = {"Average": "Average", "Task Arithmetic": "Task Arithmetic",
+             "ACE-Merging": "ACE (ours)"}
+    for row in paper_table()["llama32_3b_mergebench3"]["rows"]:
+        cells = list(row["scores"].values())
+        if row["method"] == "Individual":  # Table 8's expert rows, each on its tasks
+            experts = ["multilingual", "multilingual", "math", "coding", "coding"]
+            assert cells == [table8[e][i] for i, e in enumerate(experts)]
+        elif row.get("scale") == "normalised":
+            assert table9[names[row["method"]]] == cells + [row["average"]]
+        else:
+            assert table8[names[row["method"]]] == cells
+        if row.get("average_computed"):
+            assert row["average"] == pytest.approx(sum(cells) / len(cells), abs=5e-4)
+    for row in paper_table()["llama2_13b_wizard2"]["rows"]:
+        assert nan2[row["method"]] == [*row["scores"].values(), row["average"]]
 
 
 def test_paper_numbers_are_the_documented_tables():

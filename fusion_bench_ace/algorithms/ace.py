@@ -17,15 +17,24 @@ from fusion_bench.mixins import SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
 from ..ace import ace_merge_layer_with_info, check_ace_hyperparameters
-from ..merging import merge_state_dicts, plan_parameters
+from ..checkpoint import DEFAULT_MAX_SHARD_SIZE, staged_path
+from ..merging import (
+    check_experts_match,
+    merge_in_place,
+    plan_parameters,
+    write_merged_checkpoint,
+)
 from ..selection import NamePatterns
 from .common import (
     conv1d_weight_names,
     layer_progress,
     load_pool_experts,
+    open_pool_checkpoints,
     resolve_device,
     streaming_mode,
+    tensor_specs,
     write_json_beside_report,
+    write_model_files,
 )
 
 log = logging.getLogger(__name__)
@@ -106,63 +115,130 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
             modelpool = BaseModelPool(modelpool)
         device = resolve_device(self.device)
         with self.profile("load models"):
-            pretrained_model, experts, streamed = load_pool_experts(modelpool, self.streaming)
+            pretrained_model, experts, streamed = load_pool_experts(
+                modelpool, self.streaming, keep_pretrained=self._exclude)
         pretrained = pretrained_model.state_dict()
         transpose = conv1d_weight_names(pretrained_model) if self.transpose_conv1d else ()
-        plan = plan_parameters(
-            pretrained,
-            exclude_keys=self._exclude,
-            average_keys=self._average,
-            transpose_keys=transpose,
-        )
-        log.info(
-            "ACE-Merging %d experts: %d matrices by ACE, %d averaged, %d kept pretrained "
-            "(%s, k_frac=%g, scaling_factor=%g, device=%s, streamed=%s)",
-            len(experts), len(plan.matrix), len(plan.average), len(plan.skip),
-            self._describe_options(), self.k_frac, self.scaling_factor, device, streamed,
-        )
+        plan = self._plan(pretrained, transpose)
+        self._log_start(len(experts), plan, device, f"streamed={streamed}")
         self.layer_info = []
-
-        def merge_matrix(task_vectors: Tensor, name: str) -> Tensor:
-            spectrum = self._spectrum.matches(name)
-            info = ace_merge_layer_with_info(
-                task_vectors, self.eps, self.tau, self.k_frac, eps_mode=self.eps_mode,
-                eps_rel=self.eps_rel, gamma_mode=self.gamma_mode,
-                tau_scale_free=self.tau_scale_free, keep_preliminary=spectrum,
-            )
-            row = {
-                "name": name,
-                "shape": list(task_vectors.shape[1:]),
-                "gamma": info.gamma,
-                "heterogeneous": info.heterogeneous,
-                "eps": info.eps,
-                "compute_dtype": str(info.compute_dtype).removeprefix("torch."),
-                "rank_k": info.rank_k,
-                "tasks_used": info.tasks_used,
-                "fallback": info.fallback,
-            }
-            if spectrum and info.preliminary is not None:  # None: averaged (fallback) layers
-                row["singular_values"] = {
-                    "preliminary": _singular_values(info.preliminary),
-                    "merged": _singular_values(info.merged),
-                }
-            self.layer_info.append(row)
-            return info.merged
-
         with self.profile("merge"):
-            merged = merge_state_dicts(
+            # written into the pretrained model's own tensors: one model in memory, not two
+            merge_in_place(
                 pretrained,
                 experts,
-                merge_matrix,
+                self._merge_matrix,
                 plan,
                 scaling_factor=self.scaling_factor,
                 device=device,
                 progress=layer_progress("ACE-Merging"),
             )
-        pretrained_model.load_state_dict(merged)
         self._report_diagnostics()
         self.print_profile_summary("ACE-Merging profile")
         return pretrained_model
+
+    @torch.no_grad()
+    def merge_to_checkpoint(
+        self,
+        modelpool: BaseModelPool,
+        path,
+        *,
+        overwrite: bool = False,
+        max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+    ) -> bool:
+        """Merge the pool straight into a Hugging Face checkpoint directory at ``path``.
+
+        Every model is read tensor by tensor from its safetensors checkpoint and every merged
+        tensor is written to its shard as soon as it is computed, so memory holds one
+        parameter's task vectors, never a model. The directory has the pretrained checkpoint's
+        tensors in the dtype the pool loads them in (``torch_dtype``; float32 math), sharded by
+        ``max_shard_size``, with the index, ``config.json`` and the tokenizer; it is written
+        beside ``path`` and renamed into place at the end (an existing ``path`` is an error
+        unless ``overwrite``). The tensors are bit-identical to :meth:`run`'s.
+
+        Returns ``False`` without writing when the pool cannot be streamed and ``streaming`` is
+        ``auto`` (models not local safetensors checkpoints, ``transpose_conv1d``): use
+        :meth:`run` then. ``streaming=false`` always returns ``False``; ``true`` raises instead.
+        """
+        if not isinstance(modelpool, BaseModelPool):
+            modelpool = BaseModelPool(modelpool)
+        if self.transpose_conv1d and streaming_mode(self.streaming) != "false":
+            if streaming_mode(self.streaming) == "true":
+                raise ValueError("transpose_conv1d needs the model's modules: it cannot be "
+                                 "combined with writing the merge by streaming (streaming=true)")
+            return False
+        device = resolve_device(self.device)
+        checkpoints = open_pool_checkpoints(modelpool, self.streaming)
+        if checkpoints is None:
+            return False
+        reference = checkpoints.pretrained.meta()
+        plan = self._plan(reference, ())
+        check_experts_match(
+            reference, {name: state.meta() for name, state in checkpoints.experts.items()},
+            ignore=plan.skip,
+        )
+        self._log_start(len(checkpoints.experts), plan, device, f"writing {path}")
+        self.layer_info = []
+        with self.profile("merge and write"), staged_path(path, overwrite=overwrite) as staging:
+            staging.mkdir()
+            write_merged_checkpoint(
+                staging,
+                checkpoints.pretrained,
+                checkpoints.experts,
+                self._merge_matrix,
+                plan,
+                specs=tensor_specs(reference),
+                max_shard_size=max_shard_size,
+                scaling_factor=self.scaling_factor,
+                device=device,
+                progress=layer_progress("ACE-Merging"),
+            )
+            write_model_files(staging, modelpool, checkpoints)
+        log.info("wrote the merged model to %s", path)
+        self._report_diagnostics()
+        self.print_profile_summary("ACE-Merging profile")
+        return True
+
+    def _plan(self, pretrained, transpose):
+        return plan_parameters(
+            pretrained, exclude_keys=self._exclude, average_keys=self._average,
+            transpose_keys=transpose,
+        )
+
+    def _log_start(self, num_experts: int, plan, device, how: str) -> None:
+        log.info(
+            "ACE-Merging %d experts: %d matrices by ACE, %d averaged, %d kept pretrained "
+            "(%s, k_frac=%g, scaling_factor=%g, device=%s, %s)",
+            num_experts, len(plan.matrix), len(plan.average), len(plan.skip),
+            self._describe_options(), self.k_frac, self.scaling_factor, device, how,
+        )
+
+    def _merge_matrix(self, task_vectors: Tensor, name: str) -> Tensor:
+        """ACE on one 2-D parameter's ``(T, d_out, d_in)`` task vectors; records its diagnostics."""
+        spectrum = self._spectrum.matches(name)
+        info = ace_merge_layer_with_info(
+            task_vectors, self.eps, self.tau, self.k_frac, eps_mode=self.eps_mode,
+            eps_rel=self.eps_rel, gamma_mode=self.gamma_mode,
+            tau_scale_free=self.tau_scale_free, keep_preliminary=spectrum,
+        )
+        row = {
+            "name": name,
+            "shape": list(task_vectors.shape[1:]),
+            "gamma": info.gamma,
+            "heterogeneous": info.heterogeneous,
+            "eps": info.eps,
+            "compute_dtype": str(info.compute_dtype).removeprefix("torch."),
+            "rank_k": info.rank_k,
+            "tasks_used": info.tasks_used,
+            "fallback": info.fallback,
+        }
+        if spectrum and info.preliminary is not None:  # None: averaged (fallback) layers
+            row["singular_values"] = {
+                "preliminary": _singular_values(info.preliminary),
+                "merged": _singular_values(info.merged),
+            }
+        self.layer_info.append(row)
+        return info.merged
 
     def _describe_options(self) -> str:
         ridge = (f"eps={self.eps:g}" if self.eps_mode == "absolute"

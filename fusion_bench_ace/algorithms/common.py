@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from fusion_bench import BaseModelPool
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import TensorSpec
 from ..merging import check_experts_match
-from ..streaming import SafetensorsStateDict, open_expert, safetensors_files
+from ..selection import NamePatterns
+from ..streaming import SafetensorsStateDict, open_checkpoint, open_expert, safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +36,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_pool_state_dicts(
-    modelpool: BaseModelPool,
+    modelpool: BaseModelPool, keep_pretrained: NamePatterns | Sequence[str] = ()
 ) -> Tuple[nn.Module, Dict[str, Dict[str, Tensor]]]:
-    """The pool's pretrained model and each expert's state dict, checked against each other."""
+    """The pool's pretrained model and each expert's state dict, checked against each other.
+
+    ``keep_pretrained``: the patterns (:mod:`fusion_bench_ace.selection`) of the parameters the
+    method keeps at their pretrained value; the experts' copies of those are not compared (they
+    may be missing or have another shape).
+    """
     if not modelpool.has_pretrained:
         raise ValueError(
             "this method merges task vectors and needs the pool's pretrained model: add a "
@@ -44,8 +54,12 @@ def load_pool_state_dicts(
     experts = {}
     for name in tqdm(modelpool.model_names, desc="Loading experts", leave=False):
         experts[name] = modelpool.load_model(name).state_dict()
-    check_experts_match(pretrained, experts)
+    check_experts_match(pretrained, experts, ignore=_kept(pretrained, keep_pretrained))
     return pretrained_model, experts
+
+
+def _kept(names, keep_pretrained) -> List[str]:
+    return NamePatterns.compile(keep_pretrained, "parameters kept pretrained").select(names)
 
 
 STREAMING_MODES = ("auto", "true", "false")
@@ -90,7 +104,8 @@ def model_checkpoint_path(modelpool: BaseModelPool, name: str) -> Tuple[Optional
 
 
 def load_pool_experts(
-    modelpool: BaseModelPool, streaming="auto"
+    modelpool: BaseModelPool, streaming="auto",
+    keep_pretrained: NamePatterns | Sequence[str] = (),
 ) -> Tuple[nn.Module, Mapping[str, Mapping[str, Tensor]], bool]:
     """The pretrained model and the experts' state dicts, streamed from safetensors if possible.
 
@@ -98,12 +113,12 @@ def load_pool_experts(
     ``true`` reads every expert lazily from its safetensors checkpoint
     (:class:`fusion_bench_ace.streaming.SafetensorsStateDict`: one tensor at a time, so the merge
     holds about one model whatever the number of experts) and raises if one cannot be;
-    ``auto`` streams when every expert can be, else loads in memory. Returns
-    ``(pretrained model, experts, streamed)``.
+    ``auto`` streams when every expert can be, else loads in memory. ``keep_pretrained``: as
+    for :func:`load_pool_state_dicts`. Returns ``(pretrained model, experts, streamed)``.
     """
     mode = streaming_mode(streaming)
     if mode == "false":
-        pretrained_model, experts = load_pool_state_dicts(modelpool)
+        pretrained_model, experts = load_pool_state_dicts(modelpool, keep_pretrained)
         return pretrained_model, experts, False
     if not modelpool.has_pretrained:
         return (*load_pool_state_dicts(modelpool), False)  # raises the usual error
@@ -123,7 +138,7 @@ def load_pool_experts(
                 "checkpoint:\n  " + "\n  ".join(reasons)
             )
         log.info("streaming=auto: loading the experts in memory (%s)", "; ".join(reasons))
-        pretrained_model, experts = load_pool_state_dicts(modelpool)
+        pretrained_model, experts = load_pool_state_dicts(modelpool, keep_pretrained)
         return pretrained_model, experts, False
 
     pretrained_model = modelpool.load_pretrained_model()
@@ -141,9 +156,10 @@ def load_pool_experts(
             "; ".join(unmatched_any),
         )
         del pretrained_model, pretrained, experts
-        pretrained_model, experts = load_pool_state_dicts(modelpool)
+        pretrained_model, experts = load_pool_state_dicts(modelpool, keep_pretrained)
         return pretrained_model, experts, False
-    check_experts_match(pretrained, {name: state.meta() for name, state in experts.items()})
+    check_experts_match(pretrained, {name: state.meta() for name, state in experts.items()},
+                        ignore=_kept(pretrained, keep_pretrained))
     log.info("streaming %d experts tensor by tensor from safetensors checkpoints", len(experts))
     return pretrained_model, experts, True
 
@@ -192,3 +208,129 @@ def write_json_beside_report(algorithm, filename: str, data: dict) -> str | None
         json.dump(data, handle, indent=1)
     log.info("wrote %s", path)
     return path
+
+
+# --- merging straight into a checkpoint directory -----------------------------------------------
+
+
+@dataclass
+class PoolCheckpoints:
+    """The pool's models as lazy state dicts over their safetensors checkpoints."""
+
+    pretrained_path: str
+    pretrained: SafetensorsStateDict
+    """Under the pretrained checkpoint's own keys, floating tensors read in ``dtype``."""
+    experts: Dict[str, SafetensorsStateDict]
+    """Named like ``pretrained``, read in its dtypes."""
+    dtype: torch.dtype
+    """What the pool's loader would give (``torch_dtype``), hence the merged model's dtype."""
+
+
+def pool_torch_dtype(modelpool: BaseModelPool, name: str, path: str) -> torch.dtype:
+    """The dtype the pool's ``from_pretrained`` loads model ``name`` in.
+
+    The model entry's or the pool's ``model_kwargs`` ``torch_dtype`` (``dtype``); ``"auto"`` is
+    the checkpoint's ``config.json`` dtype; none given is torch's default dtype (float32), as
+    ``from_pretrained`` does.
+    """
+    config = modelpool._models.get(name) if hasattr(modelpool, "_models") else None
+    value = None
+    for source in (config if not isinstance(config, str) else None,
+                   getattr(modelpool, "model_kwargs", None)):
+        if source is not None:
+            value = source.get("torch_dtype", source.get("dtype"))
+            if value is not None:
+                break
+    if value is None:
+        return torch.get_default_dtype()
+    if isinstance(value, torch.dtype):
+        return value
+    if str(value) == "auto":
+        config_file = os.path.join(path, "config.json")
+        stored = None
+        if os.path.isfile(config_file):
+            with open(config_file) as handle:
+                data = json.load(handle)
+            stored = data.get("dtype", data.get("torch_dtype"))
+        if stored is None:
+            raise ValueError(f"torch_dtype=auto, but {config_file} names no dtype")
+        value = stored
+    resolved = getattr(torch, str(value).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"model '{name}': unknown torch_dtype {value!r}")
+    return resolved
+
+
+def open_pool_checkpoints(modelpool: BaseModelPool, streaming) -> Optional[PoolCheckpoints]:
+    """Every model of the pool as a lazy state dict, or ``None`` when they cannot all be.
+
+    ``streaming``: ``false`` returns ``None``; ``auto`` returns ``None`` (and logs why) unless the
+    pretrained model and every expert are local safetensors checkpoints loaded with
+    ``from_pretrained`` whose keys match; ``true`` raises instead of returning ``None``.
+    """
+    mode = streaming_mode(streaming)
+    if mode == "false":
+        return None
+    if not modelpool.has_pretrained:
+        load_pool_state_dicts(modelpool)  # raises the usual error
+    paths, reasons = {}, []
+    for name in ["_pretrained_", *modelpool.model_names]:
+        path, why = model_checkpoint_path(modelpool, name)
+        if path is not None and safetensors_files(path) is None:
+            path, why = None, f"{path!r} holds no safetensors weights"
+        if path is None:
+            reasons.append(f"'{name}': {why}")
+        paths[name] = path
+    pretrained = experts = None
+    if not reasons:
+        dtype = pool_torch_dtype(modelpool, "_pretrained_", paths["_pretrained_"])
+        pretrained = open_checkpoint(paths["_pretrained_"], dtype)
+        reference = pretrained.meta()
+        experts = {}
+        for name in modelpool.model_names:
+            experts[name], unmatched = open_expert(paths[name], reference)
+            if unmatched:
+                reasons.append(f"'{name}': the checkpoint lacks {len(unmatched)} of the pretrained "
+                               f"checkpoint's tensors, e.g. {unmatched[:3]}")
+    if reasons:
+        if mode == "true":
+            raise ValueError("streaming=true, but not every model of the pool can be read "
+                             "tensor by tensor:\n  " + "\n  ".join(reasons))
+        log.info("streaming=auto: not streaming (%s)", "; ".join(reasons))
+        return None
+    return PoolCheckpoints(paths["_pretrained_"], pretrained, experts, dtype)
+
+
+def tensor_specs(state: Mapping[str, Tensor]) -> List[TensorSpec]:
+    """Name, shape and dtype of every tensor of a (meta) state dict, in its order."""
+    return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def write_model_files(directory: Path, modelpool: BaseModelPool, checkpoints: PoolCheckpoints
+                      ) -> None:
+    """What ``save_pretrained`` writes beside the weights: the tokenizer (the pool's, else the
+    pretrained checkpoint's, if it has one), ``generation_config.json``, and ``config.json``
+    (the pretrained model's, with the merged model's dtype) written last, so a directory cut
+    short never looks like a complete checkpoint to ``from_pretrained``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = None
+    pretrained = Path(checkpoints.pretrained_path)
+    if getattr(modelpool, "tokenizer", None) is not None and hasattr(modelpool, "load_tokenizer"):
+        tokenizer = modelpool.load_tokenizer()
+    elif any((pretrained / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
+    else:
+        log.info("no tokenizer written: the pool names none and %s has none", pretrained)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    generation = pretrained / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, directory / generation.name)
+    config = AutoConfig.from_pretrained(checkpoints.pretrained_path)
+    # transformers >= 4.56 calls it `dtype` (`torch_dtype`: a deprecated alias); older ones don't
+    setattr(config, "dtype" if "dtype" in vars(config) else "torch_dtype", checkpoints.dtype)
+    config.save_pretrained(str(directory))

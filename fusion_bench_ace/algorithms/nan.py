@@ -101,7 +101,8 @@ class _NANPlugin:
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
         with self.profile("load models"):
-            pretrained_model, experts = load_pool_state_dicts(modelpool)
+            # the experts' copies of removed tensors are neither merged nor compared
+            pretrained_model, experts = load_pool_state_dicts(modelpool, self._remove)
         pretrained = pretrained_model.state_dict()
         keys, self.removed = _merge_keys(pretrained, self._remove)
         with self.profile("norms"):

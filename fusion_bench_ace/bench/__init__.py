@@ -9,6 +9,10 @@ directory; settings in ``config/bench/ace.yaml``):
 - **memory against T** (:mod:`.memory`): ACEMerging over synthetic GPT-2-style safetensors experts,
   streamed and in memory, one subprocess per number of experts.
 
+``python -m fusion_bench_ace.bench.llm`` (:mod:`.llm`, ``config/bench/llm.yaml``) merges synthetic
+Llama-shaped experts of growing size: peak memory of the streamed write, the in-memory path and
+FusionBench's Task Arithmetic, and the merge time against the floor.
+
 :mod:`.measure` times calls and samples memory, :mod:`.report` renders the Markdown report,
 :mod:`.cli` is the command.
 """
