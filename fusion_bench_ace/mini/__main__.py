@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         build(tracks, args.size, force=args.force, jobs=args.jobs)
         return 0
     if args.command == "stats":
-        return stats(tracks, args.size, args.out)
+        command = " ".join(["python -m fusion_bench_ace.mini", *(argv or sys.argv[1:])])
+        return stats(tracks, args.size, args.out, command)
     for name in tracks:
         directory = track_dir(name, args.size)
         if is_built(directory):
@@ -65,9 +66,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def stats(tracks, size, out) -> int:
+def stats(tracks, size, out, command: str) -> int:
     import yaml
 
+    from .. import provenance
     from ..paths import config_dir
     from .stats import regime_statistics, write_report
 
@@ -81,6 +83,7 @@ def stats(tracks, size, out) -> int:
         result["info"] = {"track": name, "directory": str(directory),
                           "content_hash": manifest.get("content_hash"),
                           "settings": settings(name, size)}
+        result["provenance"] = provenance.collect(command)
         target = out / name if out and len(tracks) > 1 else (out or directory)
         write_report(result, Path(target), f"Regime statistics: track '{name}' "
                      f"({manifest.get('size')}, v{manifest.get('version')})")

@@ -304,7 +304,13 @@ def markdown(stats: dict, title: str) -> str:
     tasks = stats["tasks"]
     acc, geo = stats["accuracy"], stats["geometry"]
     pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    lines = [f"# {title}", "", "## Against the real regime", "",
+    lines = [f"# {title}", ""]
+    if "provenance" in stats:
+        from ..provenance import markdown_lines
+
+        lines += [*markdown_lines(stats["provenance"]),
+                  f"- track content hash: `{stats['info'].get('content_hash')}`", ""]
+    lines += ["## Against the real regime", "",
              "| statistic | measured (worst) | allowed | ok |", "|---|---|---|---|"]
     for row in stats["targets"]:
         allowed = ("≥ " + _fmt(row["min"]) if row["max"] is None else
