@@ -170,9 +170,24 @@ def test_every_target_is_named_one_way():
     assert len(found) > 100
     for path, target in found:
         assert isinstance(target, str) and "${" not in target, (path, target)
-        defined_in = getattr(locate(target), "__module__", "")
+        try:
+            defined_in = getattr(locate(target), "__module__", "")
+        except ImportError as error:  # an optional dependency (lm-eval) is missing: read the source
+            assert "lm_eval" in repr(error.__cause__ or error), (path, target, error)
+            defined_in = module_defining(target)
         if defined_in.split(".")[0] == "fusion_bench_ace":
             assert defined_in == target.rsplit(".", 1)[0], (path, target)
+
+
+def module_defining(target: str) -> str:
+    """The module of ours whose source defines ``target``'s class, found without importing it."""
+    import ast
+    import importlib.util
+
+    module, _, name = target.rpartition(".")
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    assert any(isinstance(n, ast.ClassDef) and n.name == name for n in tree.body), target
+    return module
 
 
 def compose_jobs():

@@ -36,6 +36,8 @@ def load_benchmark(name: str) -> dict:
     shared = yaml.safe_load((compare_config_dir() / "_methods.yaml").read_text())
     spec["methods"] = {**shared["methods"], **(spec.get("methods") or {})}
     spec["tuned"] = {**shared.get("tuned", {}), **(spec.get("tuned") or {})}
+    if spec.get("no_tuned"):  # the reason it offers no tuned rows, shown when one is asked for
+        spec["tuned"] = {}
     spec["name"] = name
     return spec
 
@@ -45,9 +47,10 @@ def resolve_methods(spec: dict, requested: Optional[Sequence[str]]) -> List[str]
     known = [*spec["methods"], *spec.get("tuned", {})]
     unknown = [m for m in names if m not in known]
     if unknown:
+        why_not_tuned = f" ({spec['no_tuned']})" if spec.get("no_tuned") else ""
         raise ValueError(
             f"unknown method(s) {unknown} for benchmark {spec['name']!r}; "
-            f"available: {', '.join(known)}"
+            f"available: {', '.join(known)}{why_not_tuned}"
         )
     tuned = [m for m in names if m in spec.get("tuned", {})]
     if tuned and not spec.get("validation"):

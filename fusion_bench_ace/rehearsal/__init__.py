@@ -29,13 +29,13 @@ from typing import Dict
 from .data import write_dataset
 from .facts import dataset_repo, model_repo
 from .models import MODEL_BUILDERS, Context, stable_seed
-from .requirements import OPENCLIP_ENV, Requirements, requirements
+from .requirements import OPENCLIP_ENV, NotRehearsable, Requirements, requirements
 
 HF_ROOT_ENV = "FUSION_BENCH_ACE_HF_ROOT"
 ROWS = 3
 """Rows per split of every stand-in dataset (a few images per task)."""
 
-__all__ = ["build_standins", "requirements", "Requirements", "MODEL_BUILDERS"]
+__all__ = ["build_standins", "requirements", "NotRehearsable", "Requirements", "MODEL_BUILDERS"]
 
 
 def build_standins(benchmark: str, root: Path, rows: int = ROWS) -> Dict[str, str]:

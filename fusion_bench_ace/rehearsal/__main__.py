@@ -28,12 +28,17 @@ def main(argv=None) -> int:
 
     from ..compare.__main__ import main as compare
     from ..environ import patched_environ
-    from . import build_standins
+    from . import NotRehearsable, build_standins
 
     with tempfile.TemporaryDirectory(prefix="fusion_bench_ace_standins_") as temporary, \
             patched_environ(OFFLINE):
         root = args.root or Path(temporary)
-        with patched_environ(build_standins(args.benchmark, root)):
+        try:
+            environment = build_standins(args.benchmark, root)
+        except NotRehearsable as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        with patched_environ(environment):
             out = args.out or Path("outputs/rehearsal") / args.benchmark
             return compare(["run", args.benchmark, "--out", str(out),
                             *(["--methods", args.methods] if args.methods else [])])

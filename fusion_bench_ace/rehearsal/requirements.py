@@ -20,6 +20,12 @@ from ..paths import config_dir
 from .facts import DATASETS
 
 OPENCLIP_ENV = "FUSION_BENCH_ACE_OPENCLIP_DIR"
+LM_EVAL_POOLS = ("fusion_bench_ace.taskpools.lm_eval.", "fusion_bench.taskpool.lm_eval_harness")
+"""Task pools that evaluate through lm-eval, which fetches its own task data: no stand-ins."""
+
+
+class NotRehearsable(ValueError):
+    """The benchmark reads data the rehearsal cannot stand in for."""
 
 
 @dataclass
@@ -70,6 +76,12 @@ def requirements(benchmark: str, openclip_dir: Path) -> Requirements:
             config = OmegaConf.create({"fast_dev_run": False,
                                        group: OmegaConf.load(configs / group / f"{name}.yaml")})
             resolved = OmegaConf.to_container(config, resolve=True)[group]
+            if str(resolved.get("_target_", "")).startswith(LM_EVAL_POOLS):
+                raise NotRehearsable(
+                    f"benchmark {benchmark!r} evaluates through lm-eval ({option}), which "
+                    "downloads its own task data; the rehearsal has stand-ins for hub models and "
+                    "image/GLUE datasets only"
+                )
             _collect_openclip(resolved, found)
     found.datasets = [i for i in ids if i in DATASETS]
     found.models = [i for i in ids if i not in DATASETS]
