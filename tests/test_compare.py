@@ -122,7 +122,18 @@ def test_seeds_give_one_comparison_each_and_their_spread(reduced_clip_env, tmp_p
                                                                        abs=1e-3)
         assert float(spread[method]["average_std"]) == pytest.approx(statistics.stdev(values),
                                                                       abs=1e-3)
-    assert "±" in (run_dir / "table.md").read_text()
+    table = (run_dir / "table.md").read_text()
+    assert "±" in table
+    # `compare spread` rewrites the same tables from the seeds' results, saying that it did
+    from fusion_bench_ace.compare.seeds import rewrite_spread
+
+    before = (run_dir / "table.csv").read_text()
+    rewrite_spread(run_dir, ["spread", str(run_dir)])
+    assert (run_dir / "table.csv").read_text() == before
+    rewritten = (run_dir / "table.md").read_text()
+    assert "tables rewritten from the seeds' results by `python -m fusion_bench_ace.compare " \
+        f"spread {run_dir}`" in rewritten
+    assert [x for x in rewritten.splitlines() if "rewritten" not in x] == table.splitlines()
 
     assert not any("is not the one" in str(m) for m in messages)
     # the seed-3 table, rerun on the seed-4 track, says the track changed
@@ -134,6 +145,25 @@ def test_seeds_give_one_comparison_each_and_their_spread(reduced_clip_env, tmp_p
 
 
 # --- the tables' own metrics: normalisation, seeds, tuning on validation --------------------------
+
+
+def test_an_ordering_is_stated_only_where_the_paired_difference_exceeds_its_spread():
+    from fusion_bench_ace.compare.seeds import paired_lines
+
+    averages = {  # per seed; the seeds shift every method together
+        "pretrained": [50, 40, 60], "individual": [90, 80, 100],
+        "a": [71, 61, 81],   # a - b = +1 on every seed: ordered although the spread is 10
+        "b": [70, 60, 80],   # b - c = +3, -1, +1: one sign fails
+        "c": [67, 61, 79],
+    }
+    tables = {s: {m: {"average": str(v[i])} for m, v in averages.items()} for i, s in
+              enumerate([0, 1, 2])}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in paired_lines(tables, list(averages)) if line.startswith("| ")}
+    assert list(rows)[1:] == ["individual", "a", "b", "c", "pretrained"]
+    assert rows["a"][4:] == ["71.0 ± 10.0", "52 ± 0 %", "+1.0 ± 0.0", "**ordered** |"]
+    assert rows["b"][6:] == ["+1.0 ± 2.0", "no |"]
+    assert rows["c"][5] == "48 ± 5 %"  # (67-50)/40, (61-40)/40, (79-60)/40
 
 
 def test_normalised_row_divides_by_the_reference_per_task():

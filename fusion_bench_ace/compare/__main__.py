@@ -1,4 +1,4 @@
-"""``python -m fusion_bench_ace.compare {run,sweep,summarize-sweep,diagnostics,list}``."""
+"""``python -m fusion_bench_ace.compare {run,sweep,spread,summarize-sweep,diagnostics,list}``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def main(argv=None) -> int:
         "--grid", nargs="*", help="key=v1,v2 ... (default: the benchmark's sweep grid)"
     )
     sweep.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>_sweep")
+    respread = sub.add_parser("spread", help="rewrite the mean ± std tables of a `run --seeds` "
+                              "directory from its seeds' results (runs nothing)")
+    respread.add_argument("run_dir", type=Path, help="the directory `run --seeds` wrote "
+                          "(<out>/<timestamp> or <out>/latest)")
     summary = sub.add_parser(
         "summarize-sweep", help="table + heatmap of a multirun you ran yourself"
     )
@@ -69,6 +73,11 @@ def main(argv=None) -> int:
             run_over_seeds(args.benchmark, methods, seeds, out, argv)
         else:
             run_comparison(args.benchmark, methods, out, argv)
+        return 0
+    if args.command == "spread":
+        from .seeds import rewrite_spread
+
+        print((rewrite_spread(args.run_dir, argv) / "table.md").read_text())
         return 0
     if args.command == "sweep":
         out = args.out or Path("outputs/compare") / f"{args.benchmark}_sweep"

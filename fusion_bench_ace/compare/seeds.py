@@ -4,8 +4,12 @@
 (``$FUSION_BENCH_ACE_MINI_SEED``: a different pretraining, experts and data draw), runs every
 method on each through :func:`~fusion_bench_ace.compare.runner.run_comparison` into
 ``seed_<s>/``, and writes ``table.md``/``table.csv`` with the mean ± sample standard deviation
-per method and task. A difference between two methods means something only where it exceeds
-that spread.
+per method and task. The seeds move every method together (a track whose zero-shot model happens
+to be strong on a task lifts every merge on it), so the table also gives, per seed, each
+method's average, its share of the zero-shot→expert gap, and the paired difference to the next
+method in the ranking: an ordering is stated only where that difference has the same sign on
+every seed and exceeds its own spread. ``python -m fusion_bench_ace.compare spread DIR`` rewrites
+the tables of such a run from its seeds' results (no method is run again).
 """
 
 from __future__ import annotations
@@ -48,15 +52,33 @@ def run_over_seeds(
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"--seeds must be distinct integers; got {list(seeds)}")
     run_dir = new_run_dir(out)
+    info = provenance.collect(" ".join(["python -m fusion_bench_ace.compare", *argv]))
     per_seed = {}
     for seed in seeds:
         log(f"[compare] {benchmark}, track seed {seed}")
         with track_seed(seed):
             seed_dir = run_comparison(benchmark, methods, run_dir / f"seed_{seed}", argv, log=log)
         per_seed[seed] = seed_dir
-    write_spread(run_dir, spec, per_seed, argv)
+    write_spread(run_dir, spec, per_seed, info)
     point_latest(out, run_dir)
     log((run_dir / "table.md").read_text())
+    return run_dir
+
+
+def rewrite_spread(run_dir: Path, argv: Sequence[str]) -> Path:
+    """The tables of a ``run --seeds`` directory, again, from its ``seed_<s>/latest`` results."""
+    run_dir = Path(run_dir)
+    path = run_dir / "provenance.json"
+    if not path.is_file() or "seeds" not in (info := json.loads(path.read_text())):
+        raise ValueError(f"{run_dir} is not a directory written by `compare run --seeds`")
+    per_seed = {int(s): run_dir / entry["run"] for s, entry in info["seeds"].items()}
+    missing = [str(p) for p in per_seed.values() if not (p / "table.csv").is_file()]
+    if missing:
+        raise ValueError(f"missing per-seed results: {missing}")
+    spec = load_benchmark(info["benchmark"]["name"])
+    info["tables_rewritten"] = provenance.collect(
+        " ".join(["python -m fusion_bench_ace.compare", *argv]))
+    write_spread(run_dir, spec, per_seed, info)
     return run_dir
 
 
@@ -72,7 +94,47 @@ def spread(values: List[float]) -> tuple:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_spread(run_dir: Path, spec: dict, per_seed: Dict[int, Path], argv: Sequence[str]):
+def paired_lines(tables: Dict[int, Dict[str, Dict[str, str]]], methods: List[str]) -> List[str]:
+    """Averages per seed, gap closed, and the paired difference to the next-ranked method."""
+    seeds = list(tables)
+    average = {m: [float(tables[s][m]["average"]) for s in seeds] for m in methods
+               if all(tables[s].get(m, {}).get("average") not in ("", None) for s in seeds)}
+    ranked = sorted(average, key=lambda m: -statistics.fmean(average[m]))
+    has_gap = {"pretrained", "individual"} <= set(average) and all(
+        a != b for a, b in zip(average["individual"], average["pretrained"]))
+    lines = [
+        "## Averages per seed, and which differences exceed the spread",
+        "",
+        "Methods by mean average. `gap closed`: (method − pretrained) / (individual − pretrained) "
+        "on the same seed. `− next`: this row's average minus the next row's, seed by seed (the "
+        "same track, so what the seeds share cancels), mean ± std; **ordered** when it has one "
+        "sign on every seed and its mean exceeds its standard deviation.",
+        "",
+        "| method | " + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean ± std | gap closed | − next | ordered |",
+        "|" + "---|" * (len(seeds) + 5),
+    ]
+    for i, method in enumerate(ranked):
+        cells = [f"{v:.1f}" for v in average[method]]
+        mean, std = spread(average[method])
+        gap = "–"
+        if has_gap:
+            closed = [(a - p) / (e - p) for a, p, e in
+                      zip(average[method], average["pretrained"], average["individual"])]
+            gap = "{:.0f} ± {:.0f} %".format(*(100 * x for x in spread(closed)))
+        diff, ordered = "–", ""
+        if i + 1 < len(ranked):
+            deltas = [a - b for a, b in zip(average[method], average[ranked[i + 1]])]
+            d_mean, d_std = spread(deltas)
+            diff = f"{d_mean:+.1f} ± {d_std:.1f}"
+            one_sign = all(d > 0 for d in deltas) or all(d < 0 for d in deltas)
+            ordered = "**ordered**" if one_sign and abs(d_mean) > d_std else "no"
+        lines.append(f"| {method} | " + " | ".join(cells)
+                     + f" | {mean:.1f} ± {std:.1f} | {gap} | {diff} | {ordered} |")
+    return lines
+
+
+def write_spread(run_dir: Path, spec: dict, per_seed: Dict[int, Path], info: dict):
     tasks = spec["tasks"]
     tables = {seed: read_csv(path / "table.csv") for seed, path in per_seed.items()}
     methods = [m for m, row in next(iter(tables.values())).items() if row["source"] == "measured"]
@@ -95,10 +157,9 @@ def write_spread(run_dir: Path, spec: dict, per_seed: Dict[int, Path], argv: Seq
         for method in methods:
             writer.writerow([method, *(f"{stats[method][c][i]:.4f}" if c in stats[method] else ""
                                        for c in columns for i in (0, 1))])
-    info = {**provenance.collect(" ".join(["python -m fusion_bench_ace.compare", *argv])),
-            "benchmark": spec, "seeds": {str(s): {"run": str(p.relative_to(run_dir)),
-                                                  "track_content_hash": hashes[s]}
-                                         for s, p in per_seed.items()}}
+    info = {**info, "benchmark": spec,
+            "seeds": {str(s): {"run": str(p.relative_to(run_dir)),
+                               "track_content_hash": hashes[s]} for s, p in per_seed.items()}}
     (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
     cell = lambda m, c: (f"{stats[m][c][0]:.1f} ± {stats[m][c][1]:.1f}"  # noqa: E731
                          if c in stats[m] else "–")
@@ -113,6 +174,9 @@ def write_spread(run_dir: Path, spec: dict, per_seed: Dict[int, Path], argv: Seq
         f"{info['machine']['memory']})",
         "- seeds (track content hash): " + ", ".join(
             f"{s} (`{(hashes[s] or '?')[:12]}`)" for s in per_seed),
+        *([f"- tables rewritten from the seeds' results by "
+           f"`{info['tables_rewritten']['command']}` at commit "
+           f"{info['tables_rewritten']['git_commit']}"] if "tables_rewritten" in info else []),
         "",
         "Accuracy in %, mean ± sample standard deviation over the seeds; each seed's own table "
         "(with merge time and memory) is in `seed_<s>/latest/`.",
@@ -122,4 +186,5 @@ def write_spread(run_dir: Path, spec: dict, per_seed: Dict[int, Path], argv: Seq
     ]
     for method in methods:
         lines.append("| " + " | ".join([method, *(cell(method, c) for c in columns)]) + " |")
+    lines += ["", *paired_lines(tables, methods)]
     (run_dir / "table.md").write_text("\n".join(lines) + "\n")
