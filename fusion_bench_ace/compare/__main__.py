@@ -36,6 +36,8 @@ def main(argv=None) -> int:
         "--grid", nargs="*", help="key=v1,v2 ... (default: the benchmark's sweep grid)"
     )
     sweep.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>_sweep")
+    sweep.add_argument("--validation", action="store_true", help="evaluate on the benchmark's "
+                       "validation data (its `validation:` overrides), not its test data")
     respread = sub.add_parser("spread", help="rewrite the mean ± std tables of a `run --seeds` "
                               "directory from its seeds' results (runs nothing)")
     respread.add_argument("run_dir", type=Path, help="the directory `run --seeds` wrote "
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         return 0
     if args.command == "sweep":
         out = args.out or Path("outputs/compare") / f"{args.benchmark}_sweep"
-        run_sweep(args.benchmark, _grid(args.grid), out, argv)
+        run_sweep(args.benchmark, _grid(args.grid), out, argv, validation=args.validation)
         return 0
     run_dir = new_run_dir(args.out)
     summarize_sweep(

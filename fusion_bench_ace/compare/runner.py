@@ -133,12 +133,21 @@ def normalised_rows(spec: dict, rows: List[Row], individual: Optional[dict], log
 
 def run_sweep(
     benchmark: str, grid: Dict[str, List[str]], out: Path, argv: Sequence[str], *, log=print,
+    validation: bool = False,
 ) -> Path:
+    """A Hydra multirun of the benchmark's sweep method over ``grid``; with ``validation``, on the
+    benchmark's validation data (its ``validation:`` overrides) instead of its test data."""
     spec = load_benchmark(benchmark)
     sweep = spec.get("sweep") or {}
     method = sweep.get("method")
     if method is None:
         raise ValueError(f"benchmark {benchmark!r} defines no sweep method")
+    split = []
+    if validation:
+        split = list(spec.get("validation") or [])
+        if not split:
+            raise ValueError(f"benchmark {benchmark!r} has no validation data "
+                             "(a `validation:` list of overrides in its config/compare file)")
     grid = grid or {k: [str(v) for v in vals] for k, vals in sweep["grid"].items()}
     _prepare(spec, log)
     run_dir = new_run_dir(out)
@@ -147,10 +156,11 @@ def run_sweep(
     total = 1
     for values in grid.values():
         total *= len(values)
-    log(f"[compare] sweep of {method} on {benchmark}: {total} jobs -> {run_dir}")
+    data = "validation" if validation else "test"
+    log(f"[compare] sweep of {method} on {benchmark} ({data} data): {total} jobs -> {run_dir}")
     # every job logs into its own Hydra output dir, so no report overwrites another
     completed = run_fusion_bench(
-        [*spec["overrides"], f"method={method}", *sweeps, f"hydra.sweep.dir={jobs}",
+        [*spec["overrides"], *split, f"method={method}", *sweeps, f"hydra.sweep.dir={jobs}",
          "path.log_dir=${hydra:runtime.output_dir}"],
         run_dir, multirun=True,
     )
@@ -159,14 +169,16 @@ def run_sweep(
         raise RuntimeError(
             f"the sweep failed (exit {completed.returncode}); see {run_dir}/fusion_bench.log"
         )
-    summarize_sweep(jobs, spec, list(grid), run_dir, argv)
+    summarize_sweep(jobs, spec, list(grid), run_dir, argv,
+                    title_suffix=" (sweep, validation data)" if validation else " (sweep)")
     point_latest(out, run_dir)
     log((run_dir / "table.md").read_text())
     return run_dir
 
 
 def summarize_sweep(
-    jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: Path, argv: Sequence[str]
+    jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: Path, argv: Sequence[str],
+    title_suffix: str = " (sweep)",
 ) -> None:
     """Table and heatmap of a multirun: one row per job, its parameters and scores."""
     tasks = spec["tasks"]
@@ -186,7 +198,7 @@ def summarize_sweep(
         values.append(point)
     if not rows:
         raise RuntimeError(f"no finished jobs under {jobs_dir}")
-    _write_tables(run_dir, spec, rows, argv, [], title_suffix=" (sweep)")
+    _write_tables(run_dir, spec, rows, argv, [], title_suffix=title_suffix)
     swept = [i for i, p in enumerate(params) if len({v[i] for v in values}) > 1]
     if len(swept) >= 2:
         xi, yi = swept[0], swept[1]
@@ -205,7 +217,7 @@ def summarize_sweep(
             params[yi],
             y_values,
             run_dir / "heatmap.png",
-            f"{spec['name']}: average accuracy",
+            f"{spec['name']}{title_suffix}: average accuracy",
             panels=panels,
         )
 
