@@ -67,6 +67,28 @@ def test_sweep_keeps_every_job_and_draws_a_heatmap(reduced_clip_env, tmp_path):
     assert (run_dir / "heatmap.png").is_file()
 
 
+def test_sweep_on_validation_data_uses_the_benchmark_validation_split(reduced_clip_env, tmp_path):
+    import yaml
+
+    grid = {"method.eps": ["1e-3"]}
+    with patched_environ(reduced_clip_env):
+        run_dir = run_sweep("mini_clip", grid, tmp_path / "sweep", ["sweep", "--validation"],
+                            log=lambda *_: None, validation=True)
+    (job,) = [r.parent for r in (run_dir / "jobs").glob("*/program_report.json")]
+    assert yaml.safe_load((job / "config.yaml").read_text())["taskpool"]["_split"] == "validation"
+    assert set(load_benchmark("mini_clip")["validation"]) <= set(
+        yaml.safe_load((job / "overrides.yaml").read_text()))
+    assert "validation data" in (run_dir / "table.md").read_text().splitlines()[0]
+
+
+def test_sweep_on_validation_data_needs_a_benchmark_with_validation_data(tmp_path):
+    spec = load_benchmark("llama2_13b_wizard2")
+    assert spec.get("sweep") and not spec.get("validation")
+    with pytest.raises(ValueError, match="no validation data"):
+        run_sweep("llama2_13b_wizard2", {}, tmp_path, [], validation=True)
+    assert not any(tmp_path.iterdir())  # refused before anything ran or was written
+
+
 def test_individual_reads_the_diagonal():
     report = {
         "a": {"a": {"accuracy": 0.9}, "b": {"accuracy": 0.1}},
