@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from fusion_bench_ace.compare import load_benchmark
-from fusion_bench_ace.compare.ace_scale_free import analyse, load_runs, main
+from fusion_bench_ace.compare.ace_scale_free import analyse, layer_statistics, load_runs, main
 
 LAYERS = ["a.weight", "b.weight", "c.weight"]
+GRAM_EIGENVALUE = {"a.weight": 1e-4, "b.weight": 2e-3, "c.weight": 5e-3}  # s̄ / d_in per layer
 
 
 def write_sweep(root, name, benchmark, jobs, validation=True):
@@ -32,7 +33,10 @@ def write_sweep(root, name, benchmark, jobs, validation=True):
             "eps": value if mode == "absolute" else 1e-5, "eps_rel": value if mode == "relative"
             else 1e-2, "eps_mode": mode, "gamma_mode": gamma, "tau": 0.3, "tau_scale_free": 0.693,
             "k_frac": 0.3,
-            "layers": [{"name": n, "heterogeneous": n in heterogeneous} for n in LAYERS]}))
+            "layers": [{"name": n, "heterogeneous": n in heterogeneous,
+                        "gamma": (0.1 if gamma == "paper" else 1.0) * (1 + i),
+                        "eps": value * (GRAM_EIGENVALUE[n] if mode == "relative" else 1)}
+                       for i, n in enumerate(LAYERS)]}))
 
 
 @pytest.fixture
@@ -96,3 +100,13 @@ def test_main_writes_summary_table_json_and_plot(study, capsys):
     assert "| mini_clip | absolute | 0.001 | 50.00 |" in summary
     assert json.loads((study / "summary.json").read_text())["common_relative"]["value"] == 0.1
     assert (study / "validation_vs_eps.png").stat().st_size > 0
+
+
+def test_layer_statistics_recover_the_gram_scale_and_the_preset_as_eps_rel(study):
+    stats = layer_statistics(load_runs(study), {"mini_clip": 1e-5})["mini_clip"]
+    assert stats["layers"] == 3
+    assert stats["mean_gram_eigenvalue"] == pytest.approx(
+        {"min": 1e-4, "median": 2e-3, "max": 5e-3})
+    assert stats["preset_as_eps_rel"] == pytest.approx({"min": 2e-3, "median": 5e-3, "max": 0.1})
+    assert stats["paper"]["heterogeneous"] == 1 and stats["paper"]["max"] == pytest.approx(0.3)
+    assert stats["scale_free"]["threshold"] == 0.693

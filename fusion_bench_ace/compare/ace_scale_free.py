@@ -11,7 +11,10 @@ with or without ``--validation``) and writes ``summary.md``, ``summary.json`` an
   and whether that gap is within ``--within`` points; how far apart the absolute bests are;
 - for runs that differ only in ``gamma_mode``, the layers whose branch changes, and the accuracy
   change;
-- every test-split run beside the validation score of the same setting.
+- every test-split run beside the validation score of the same setting;
+- what the layers look like (not accuracy): the mean centred Gram eigenvalue s̄/d_in of every
+  layer (the ridge of a relative run over its eps_rel), the eps_rel that equals the paper's
+  absolute preset there, and the branch statistics γ (paper) and Var[log e] (scale_free).
 
 Ties go to the smaller ε.
 """
@@ -50,8 +53,13 @@ class AceRun:
     tau: float
     k_frac: float
     average: float
-    heterogeneous: Dict[str, bool]
+    layers: List[dict]
+    """Per merged matrix of ``ace_diagnostics.json``: name, heterogeneous, gamma, eps."""
     job: str
+
+    @property
+    def heterogeneous(self) -> Dict[str, bool]:
+        return {row["name"]: row["heterogeneous"] for row in self.layers}
 
     @property
     def setting(self) -> Tuple[str, str, float]:
@@ -81,8 +89,8 @@ def load_runs(root: Path) -> List[AceRun]:
                 k_frac=diagnostics["k_frac"],
                 average=measured_row("ace", report, None, spec["tasks"],
                                      spec.get("metric", "accuracy")).average,
-                heterogeneous={row["name"]: row["heterogeneous"]
-                               for row in diagnostics["layers"]},
+                layers=[{k: row.get(k) for k in ("name", "heterogeneous", "gamma", "eps")}
+                        for row in diagnostics["layers"]],
                 job=str(job.relative_to(Path(root).resolve().parent)
                         if job.is_relative_to(Path(root).resolve().parent) else job),
             ))
@@ -128,6 +136,43 @@ def analyse(runs: Sequence[AceRun], within: float) -> dict:
         "common_relative": common, "absolute_best_decades_apart": decades,
         "gamma": _gamma_pairs(runs), "test": _test_rows(runs),
     }
+
+
+def layer_statistics(runs: Sequence[AceRun], presets: Dict[str, float]) -> Dict[str, dict]:
+    """Per benchmark, from its runs' diagnostics: s̄/d_in, the preset as eps_rel, γ and V."""
+    out = {}
+    for b in sorted({r.benchmark for r in runs}):
+        mine = [r for r in runs if r.benchmark == b]
+        stats: dict = {}
+        relative = next((r for r in mine if r.eps_mode == RELATIVE), None)
+        if relative is not None:
+            # solved layers; eps == eps_rel marks a layer with s̄ = 0 (no centred energy)
+            scale = [row["eps"] / relative.value for row in relative.layers
+                     if row["eps"] is not None and row["eps"] != relative.value]
+            stats["layers"] = len(relative.layers)
+            stats["mean_gram_eigenvalue"] = _spread(scale)
+            if b in presets and scale:
+                stats["preset"] = presets[b]
+                stats["preset_as_eps_rel"] = _spread([presets[b] / s for s in scale])
+        for gamma_mode in ("paper", "scale_free"):
+            run = next((r for r in mine if r.gamma_mode == gamma_mode), None)
+            if run is not None:
+                values = [row["gamma"] for row in run.layers if row["gamma"] is not None]
+                stats[gamma_mode] = {**_spread(values), "threshold": run.tau,
+                                     "heterogeneous": sum(run.heterogeneous.values()),
+                                     "layers": len(run.layers)}
+        out[b] = stats
+    return out
+
+
+def _spread(values: Sequence[float]) -> dict:
+    ordered = sorted(values)
+    if not ordered:
+        return {"min": None, "median": None, "max": None}
+    middle = len(ordered) // 2
+    median = (ordered[middle] if len(ordered) % 2
+              else (ordered[middle - 1] + ordered[middle]) / 2)
+    return {"min": ordered[0], "median": median, "max": ordered[-1]}
 
 
 def _common_relative(curves, track_best, within) -> Optional[dict]:
@@ -260,6 +305,27 @@ def markdown(result: dict, runs: Sequence[AceRun], presets: Dict[str, float], in
         lines.append(f"| {t['benchmark']} | {t['eps_mode']} | {_g(t['value'])} | "
                      f"{t['gamma_mode']} | {_pct(t['validation'])} | {_pct(t['test'])} | "
                      f"{t['heterogeneous_layers']} of {t['layers']} |")
+    lines += ["", "## The layers (from the runs' diagnostics; not accuracy)", "",
+              "s̄/d_in: mean eigenvalue of a layer's mean centred Gram matrix (a relative run's "
+              "ridge over its eps_rel); the preset as eps_rel = preset / (s̄/d_in); γ (paper, "
+              "against τ) and V = Var[log e] (scale_free, against tau_scale_free); min … max "
+              "(median) over the merged matrices.", "",
+              "| benchmark | layers | s̄/d_in | preset | preset as eps_rel | γ (paper) | "
+              "heterogeneous (paper) | V (scale_free) | heterogeneous (scale_free) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for b, st in result.get("layers", {}).items():
+        def spread(d):
+            return "–" if not d or d["min"] is None else (
+                f"{d['min']:.2g} … {d['max']:.2g} ({d['median']:.2g})")
+
+        def branches(d):
+            return "–" if not d else (f"{d['heterogeneous']} of {d['layers']} "
+                                      f"(> {d['threshold']:g})")
+        lines.append(f"| {b} | {st.get('layers', '–')} | "
+                     f"{spread(st.get('mean_gram_eigenvalue'))} | {_g(st.get('preset'))} | "
+                     f"{spread(st.get('preset_as_eps_rel'))} | {spread(st.get('paper'))} | "
+                     f"{branches(st.get('paper'))} | {spread(st.get('scale_free'))} | "
+                     f"{branches(st.get('scale_free'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,6 +376,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"no finished sweep jobs under {args.root}/*/latest")
     result = analyse(runs, args.within)
     presets = paper_presets(runs)
+    result["layers"] = layer_statistics(runs, presets)
     info = provenance.collect(" ".join(
         ["python -m fusion_bench_ace.compare.ace_scale_free", *argv]))
     sources = []
