@@ -72,12 +72,16 @@ def test_best_values_common_relative_eps_and_decades(study):
     assert per_mode["mini_clip/relative"]["gap_to_track_best"] == pytest.approx(0.0)
     assert per_mode["mini_gpt2/relative"]["gap_to_track_best"] == pytest.approx(0.1)
     assert result["track_best"] == {"mini_clip": 51.0, "mini_gpt2": 70.0}
-    common = result["common_relative"]
+    common = result["common"]["relative"]
     # worst gaps: 1e-2 -> 1.0 (gpt2), 1e-1 -> 0.4 (gpt2 0.4, clip 0.3), 1 -> 11.0 (clip)
     assert common["value"] == 1e-1
     assert common["gaps"] == pytest.approx({"mini_clip": 0.3, "mini_gpt2": 0.4})
     assert common["holds"]
-    assert not analyse(load_runs(study), within=0.35)["common_relative"]["holds"]
+    assert not analyse(load_runs(study), within=0.35)["common"]["relative"]["holds"]
+    # absolute worst gaps: 1e-4 -> 11, 1e-3 -> 9, 1e-2 -> 8, 1e-1 -> 7 (clip 6, gpt2 7), 1 -> 21
+    absolute = result["common"]["absolute"]
+    assert absolute["value"] == 1e-1 and absolute["worst_gap"] == pytest.approx(7.0)
+    assert not absolute["holds"]
     assert result["absolute_best_decades_apart"]["mini_clip vs mini_gpt2"] == pytest.approx(3.0)
 
 
@@ -98,7 +102,7 @@ def test_main_writes_summary_table_json_and_plot(study, capsys):
     summary = (study / "summary.md").read_text()
     assert "Best common eps_rel = 0.1" in summary and "within 0.5 points" in summary
     assert "| mini_clip | absolute | 0.001 | 50.00 |" in summary
-    assert json.loads((study / "summary.json").read_text())["common_relative"]["value"] == 0.1
+    assert json.loads((study / "summary.json").read_text())["common"]["relative"]["value"] == 0.1
     assert (study / "validation_vs_eps.png").stat().st_size > 0
 
 

@@ -7,8 +7,9 @@ with or without ``--validation``) and writes ``summary.md``, ``summary.json`` an
 ``validation_vs_eps.png`` into ``ROOT``. Everything chosen is chosen on validation data:
 
 - per benchmark and ε mode (γ ``paper``), the best ε and the values within ``--within`` points;
-- the one relative ε with the smallest worst gap to every benchmark's best (over both modes),
-  and whether that gap is within ``--within`` points; how far apart the absolute bests are;
+- per mode, the one ε (swept on every benchmark) with the smallest worst gap to every
+  benchmark's best (over both modes), and whether that gap is within ``--within`` points; how
+  far apart the absolute bests are;
 - for runs that differ only in ``gamma_mode``, the layers whose branch changes, and the accuracy
   change;
 - every test-split run beside the validation score of the same setting;
@@ -126,14 +127,14 @@ def analyse(runs: Sequence[AceRun], within: float) -> dict:
                 "heterogeneous_layers": sum(top.heterogeneous.values()),
                 "layers": len(top.heterogeneous),
             }
-    common = _common_relative(curves, track_best, within)
+    common = {mode: _common(curves, track_best, within, mode) for mode in (ABSOLUTE, RELATIVE)}
     absolute_best = {b: per_mode[f"{b}/{ABSOLUTE}"]["best_value"]
                      for b in benchmarks if f"{b}/{ABSOLUTE}" in per_mode}
     decades = {f"{a} vs {b}": abs(math.log10(absolute_best[a] / absolute_best[b]))
                for i, a in enumerate(absolute_best) for b in list(absolute_best)[i + 1:]}
     return {
         "within_points": within, "track_best": track_best, "per_mode": per_mode,
-        "common_relative": common, "absolute_best_decades_apart": decades,
+        "common": common, "absolute_best_decades_apart": decades,
         "gamma": _gamma_pairs(runs), "test": _test_rows(runs),
     }
 
@@ -175,9 +176,10 @@ def _spread(values: Sequence[float]) -> dict:
     return {"min": ordered[0], "median": median, "max": ordered[-1]}
 
 
-def _common_relative(curves, track_best, within) -> Optional[dict]:
-    """The eps_rel swept on every benchmark whose worst gap to the benchmarks' bests is least."""
-    by_value = [{r.value: r for r in curves[b][RELATIVE]} for b in curves]
+def _common(curves, track_best, within, mode) -> Optional[dict]:
+    """The ε of ``mode`` swept on every benchmark whose worst gap to the benchmarks' bests is
+    least."""
+    by_value = [{r.value: r for r in curves[b][mode]} for b in curves]
     shared = sorted(set.intersection(*(set(v) for v in by_value))) if by_value else []
     if not shared:
         return None
@@ -275,17 +277,22 @@ def markdown(result: dict, runs: Sequence[AceRun], presets: Dict[str, float], in
                      f"{_pct(m['best_average'])} | {_pct(m['gap_to_track_best'])} | "
                      f"{_g(low)} … {_g(high)} | {m['heterogeneous_layers']} of {m['layers']} | "
                      f"{_g(presets.get(m['benchmark']))} |")
-    common = result["common_relative"]
-    lines += ["", "## The claim: one relative ε for every benchmark", ""]
-    if common is None:
-        lines.append("No eps_rel was swept on every benchmark.")
-    else:
-        lines += ["| eps_rel | worst gap to a benchmark's best (points) |", "|---|---|",
-                  *[f"| {_g(v)} | {_pct(g)} |" for v, g in common["worst_gap_per_value"].items()],
-                  "", f"Best common eps_rel = {_g(common['value'])}: gaps "
+    lines += ["", "## The claim: one ε for every benchmark", "",
+              "Per mode, each ε swept on every benchmark and its worst gap (points) to a "
+              "benchmark's best validation average over both modes.", ""]
+    for mode, name in ((RELATIVE, "eps_rel"), (ABSOLUTE, "eps")):
+        common = result["common"][mode]
+        if common is None:
+            lines.append(f"No {name} was swept on every benchmark.")
+            continue
+        worst = common["worst_gap_per_value"]
+        lines += [f"| {name} | " + " | ".join(_g(v) for v in worst) + " |",
+                  "|---|" + "---|" * len(worst),
+                  "| worst gap | " + " | ".join(_pct(g) for g in worst.values()) + " |", "",
+                  f"Best common {name} = {_g(common['value'])}: gaps "
                   + ", ".join(f"{b} {_pct(g)}" for b, g in common["gaps"].items())
                   + f" → {'within' if common['holds'] else 'NOT within'} {within:g} points of "
-                  "every benchmark's best (over both modes)."]
+                  "every benchmark's best (over both modes).", ""]
     for pair, decades in result["absolute_best_decades_apart"].items():
         lines.append(f"Best absolute ε, {pair}: {decades:.1f} decades apart.")
     lines += ["", "## γ: gamma_mode=scale_free against paper at the same ε", "",
@@ -347,10 +354,10 @@ def plot(result: dict, presets: Dict[str, float], path: Path) -> None:
                     color=line.get_color())
             if mode == ABSOLUTE and m["benchmark"] in presets:
                 ax.axvline(presets[m["benchmark"]], color=line.get_color(), ls=":", lw=1)
-        common = result["common_relative"]
-        if mode == RELATIVE and common is not None:
+        common = result["common"][mode]
+        if common is not None:
             ax.axvline(common["value"], color="k", ls="--", lw=0.8,
-                       label=f"common eps_rel {common['value']:g}")
+                       label=f"best common value {common['value']:g}")
         ax.axhspan(-within, 0, color="0.85", zorder=0)
         ax.set_xscale("log")
         ax.set_xlabel("eps (absolute; dotted: the paper's preset)" if mode == ABSOLUTE
