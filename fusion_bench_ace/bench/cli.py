@@ -48,6 +48,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
         help="8, 14, 20 tasks everywhere (long)",
     )
     group.add_argument(
+        "--memory",
+        dest="mode",
+        action="store_const",
+        const="memory",
+        help="the memory curve alone, with GPT-2-small-sized experts",
+    )
+    group.add_argument(
         "--tiny", dest="mode", action="store_const", const="tiny", help="tiny shapes, for tests"
     )
     parser.add_argument(

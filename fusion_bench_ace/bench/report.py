@@ -20,6 +20,43 @@ def render(report: dict) -> str:
         f"- {h['threads']} torch thread(s), device {h['device']}",
         f"- load average (1/5/15 min) at start: {h['load_start']}, at end: {h['load_end']}",
         f"- eps={h['eps']}, tau={h['tau']}, k_frac={h['k_frac']}, float32",
+    ]
+    if report["runs"]:  # none in --memory mode
+        lines += merge_time_section(report)
+    lines += tracks_section(report.get("tracks") or [])
+    if report.get("memory"):
+        spec = report["memory_spec"]
+        lines += [
+            "",
+            "## Peak memory against the number of experts (ACEMerging, one subprocess each)",
+            "",
+            f"Synthetic GPT-2-style experts (n_embd={spec['n_embd']}, n_layer={spec['n_layer']}, "
+            f"vocab={spec['vocab_size']}; one model = "
+            f"{_mib(report['memory'][0]['model_bytes'])} MiB) saved with `save_pretrained` "
+            "(safetensors). Peak RSS during `ACEMerging.run` (loading included), sampled every ms; "
+            "baseline = RSS after imports, before the run (`getrusage`'s ru_maxrss is not used: "
+            "a child started from the benchmark inherits the parent's peak). `T × largest "
+            "param` = the task vectors of the largest parameter (the embedding), which the "
+            "driver stacks.",
+            "",
+            "| T | streaming | peak RSS MiB | peak − baseline MiB | (peak − baseline) / model "
+            "| T × largest param MiB | merge s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in report["memory"]:
+            extra = row["peak_rss"] - row["baseline_rss"]
+            lines.append(
+                f"| {row['tasks']} | {row['streaming']} | {_mib(row['peak_rss'])} | {_mib(extra)} "
+                f"| {extra / row['model_bytes']:.2f} | {_mib(row['layer_task_vectors_bytes'])} "
+                f"| {row['seconds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def merge_time_section(report: dict) -> list:
+    """The report's merge-time table and ratios against the targets (one line per run)."""
+    h = report["header"]
+    lines = [
         "",
         "## Merge time (all 2-D layers of the model; interleaved, median of repeats)",
         "",
@@ -76,34 +113,7 @@ def render(report: dict) -> str:
             f"{run['branches']['heterogeneous']} het layer instances"
         )
         lines.append("- " + " ".join(parts))
-    lines += tracks_section(report.get("tracks") or [])
-    if report.get("memory"):
-        spec = report["memory_spec"]
-        lines += [
-            "",
-            "## Peak memory against the number of experts (ACEMerging, one subprocess each)",
-            "",
-            f"Synthetic GPT-2-style experts (n_embd={spec['n_embd']}, n_layer={spec['n_layer']}, "
-            f"vocab={spec['vocab_size']}; one model = "
-            f"{_mib(report['memory'][0]['model_bytes'])} MiB) saved with `save_pretrained` "
-            "(safetensors). Peak RSS during `ACEMerging.run` (loading included), sampled every ms; "
-            "baseline = RSS after imports, before the run (`getrusage`'s ru_maxrss is not used: "
-            "a child started from the benchmark inherits the parent's peak). `T × largest "
-            "param` = the task vectors of the largest parameter (the embedding), which the "
-            "driver stacks.",
-            "",
-            "| T | streaming | peak RSS MiB | peak − baseline MiB | (peak − baseline) / model "
-            "| T × largest param MiB | merge s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for row in report["memory"]:
-            extra = row["peak_rss"] - row["baseline_rss"]
-            lines.append(
-                f"| {row['tasks']} | {row['streaming']} | {_mib(row['peak_rss'])} | {_mib(extra)} "
-                f"| {extra / row['model_bytes']:.2f} | {_mib(row['layer_task_vectors_bytes'])} "
-                f"| {row['seconds']:.1f} |"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def tracks_section(tracks: list) -> list:
