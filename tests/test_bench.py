@@ -69,6 +69,26 @@ def test_bench_end_to_end_tiny(tmp_path):
     assert report["header"]["mode"] == "tiny"
 
 
+def test_lazy_read_workers_read_every_parameter(tmp_path):
+    from fusion_bench_ace.bench import lazy
+
+    spec = {"tasks": [2], "n_embd": 16, "n_layer": 1, "vocab_size": 64, "n_positions": 16}
+    lazy.write_memory_pool(tmp_path, 2, spec, seed=0)
+    rows = [lazy.read_worker(str(tmp_path), 2, reader) for reader in lazy._readers()]
+    assert [r["reader"] for r in rows] == [
+        "streaming", "lazy_state_dict", "lazy_state_dict_cached", "loaded"
+    ]
+    # the largest stack is the same whoever reads: 2 x the 64 x 16 float32 embedding
+    assert {r["stacked_bytes"] for r in rows} == {2 * 64 * 16 * 4}
+    assert all(r["peak_rss"] >= r["baseline_rss"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="unknown reader"):
+        lazy.read_worker(str(tmp_path), 2, "mmap")
+    for row in rows:
+        row["model_file_bytes"] = 1
+    text = lazy.render(lazy.provenance.collect("bench lazy", "cpu"), spec, rows)
+    assert "command: `bench lazy`" in text and "| 2 | lazy_state_dict_cached |" in text
+
+
 def test_track_precision_reports_every_merged_layer(reduced_gpt2_env, tmp_path):
     """float32 against float64, per layer, on a built track's real experts (the reduced GPT-2)."""
     from fusion_bench_ace.bench.report import tracks_section

@@ -23,7 +23,7 @@ from ..paths import PACKAGE_DIR
 from .measure import PeakSampler
 
 
-def _write_memory_pool(root: Path, num_tasks: int, spec: dict, seed: int) -> None:
+def write_memory_pool(root: Path, num_tasks: int, spec: dict, seed: int) -> None:
     from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def memory_worker(root: str, num_tasks: int, streaming: str, settings: dict) -> 
 def memory_curve(spec: dict, settings: dict, log=print) -> List[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ace_bench_mem_") as root:
-        _write_memory_pool(Path(root), max(spec["tasks"]), spec, settings["seed"])
+        write_memory_pool(Path(root), max(spec["tasks"]), spec, settings["seed"])
         for num_tasks in spec["tasks"]:
             for streaming in ("true", "false"):
                 command = [
@@ -111,6 +111,7 @@ def memory_curve(spec: dict, settings: dict, log=print) -> List[dict]:
                 rows.append(row)
                 log(
                     f"  memory T={num_tasks} streaming={streaming}: peak RSS "
-                    f"{row['peak_rss'] / 2**20:.0f} MiB ({row['seconds']:.1f}s)"
+                    f"{row['peak_rss'] / 2**20:.0f} MiB, baseline "
+                    f"{row['baseline_rss'] / 2**20:.0f} MiB ({row['seconds']:.1f}s)"
                 )
     return rows
