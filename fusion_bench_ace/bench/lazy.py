@@ -1,10 +1,11 @@
 """Peak memory of reading ``T`` experts parameter by parameter, by reader.
 
-``python -m fusion_bench_ace.bench.lazy [--memory|--quick|--full|--tiny] [--out DIR]``: the same
+``python -m fusion_bench_ace.bench.lazy [--mode memory|quick|full|tiny] [--out DIR]``: the same
 synthetic GPT-2-style safetensors experts as the memory curve (``memory`` settings of the mode in
-``config/bench/ace.yaml``), read in the merge driver's order (for each parameter, that parameter of
-every expert, stacked, then dropped) through each reader, one fresh subprocess per reader and
-``T``; peak RSS above the RSS before the experts are opened, sampled every millisecond.
+``config/bench/ace.yaml``), read as the merge driver reads them
+(:func:`fusion_bench_ace.merging.stacked_task_vectors`: one parameter's task vectors of every
+expert, dropped before the next) through each reader, one fresh subprocess per reader and ``T``;
+peak RSS above the RSS before the experts are opened, sampled every millisecond.
 
 Readers: ``streaming`` (:func:`fusion_bench_ace.streaming.open_checkpoint`), FusionBench's
 ``LazyStateDict`` as its pools create it (``cache_state_dict=False``) and with
@@ -27,6 +28,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 
 from .. import provenance
+from ..merging import stacked_task_vectors
 from ..paths import PACKAGE_DIR
 from .cli import load_settings
 from .measure import PeakSampler
@@ -50,19 +52,22 @@ def _readers() -> Dict[str, Callable[[str], Mapping[str, torch.Tensor]]]:
 
 def read_worker(root: str, num_tasks: int, reader: str) -> dict:
     """Run in a fresh process: read every parameter of ``num_tasks`` experts through ``reader``."""
+    cpu = torch.device("cpu")
     readers = _readers()  # every reader's module imported before the baseline: reading alone
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; one of {list(readers)}")
     paths = [str(Path(root) / f"expert_{t:02d}") for t in range(num_tasks)]
-    names = list(readers["streaming"](paths[0]))
+    pretrained = readers["streaming"](str(Path(root) / "pretrained"))  # one tensor at a time
     largest = 0
     with PeakSampler() as sampler:
         start = time.perf_counter()
-        experts = [readers[reader](path) for path in paths]
-        for name in names:
-            stacked = torch.stack([expert[name] for expert in experts])
+        experts = {path: readers[reader](path) for path in paths}
+        for name in pretrained:
+            base = pretrained[name]
+            # the merge driver's own read: that parameter of every expert, minus the pretrained
+            stacked = stacked_task_vectors(name, base, experts, device=cpu, dtype=base.dtype)
             largest = max(largest, stacked.numel() * stacked.element_size())
-            del stacked
+            del stacked, base
         seconds = time.perf_counter() - start
     return {
         "tasks": num_tasks,
@@ -121,7 +126,8 @@ def render(header: dict, spec: dict, rows: List[dict]) -> str:
         f"Synthetic GPT-2-style experts (n_embd={spec['n_embd']}, n_layer={spec['n_layer']}, "
         f"vocab={spec['vocab_size']}, n_positions={spec['n_positions']}; one model.safetensors = "
         f"{rows[0]['model_file_bytes'] / 2**20:.1f} MiB). Each parameter of all T experts read "
-        "and stacked, then dropped (the merge driver's order); peak RSS above the RSS before the "
+        "as the merge driver reads it (`merging.stacked_task_vectors`: the T task vectors of "
+        "one parameter, then the next); peak RSS above the RSS before the "
         "experts are opened, sampled every ms, one subprocess per row. `T × largest param` = the "
         "largest stack.",
         "",
