@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,10 +28,9 @@ import torch
 
 from .. import provenance
 from ..merging import stacked_task_vectors
-from ..paths import PACKAGE_DIR
 from .cli import load_settings
 from .measure import PeakSampler
-from .memory import write_memory_pool
+from .memory import run_worker, write_memory_pool
 
 
 def _readers() -> Dict[str, Callable[[str], Mapping[str, torch.Tensor]]]:
@@ -95,18 +93,7 @@ def read_curve(spec: dict, seed: int, log=print) -> List[dict]:
                     str(num_tasks),
                     reader,
                 ]
-                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-                done = subprocess.run(
-                    command,
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    cwd=PACKAGE_DIR.parent,
-                    timeout=1800,
-                )
-                if done.returncode != 0:
-                    raise RuntimeError(f"read worker failed:\n{done.stderr[-3000:]}")
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row = run_worker(command, "read worker")
                 row["model_file_bytes"] = model_bytes
                 rows.append(row)
                 extra = (row["peak_rss"] - row["baseline_rss"]) / 2**20

@@ -42,6 +42,17 @@ def write_memory_pool(root: Path, num_tasks: int, spec: dict, seed: int) -> None
         pretrained.load_state_dict(state)
 
 
+def run_worker(command: List[str], what: str) -> dict:
+    """Run a measuring worker in a fresh process (offline, from the directory holding this
+    package, so it imports this copy); its last stdout line is its JSON result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env,
+                          cwd=PACKAGE_DIR.parent, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def memory_worker(root: str, num_tasks: int, streaming: str, settings: dict) -> dict:
     """Run in a fresh process: ACEMerging over ``num_tasks`` experts; peak RSS (getrusage)."""
     from fusion_bench import BaseModelPool
@@ -95,19 +106,7 @@ def memory_curve(spec: dict, settings: dict, log=print) -> List[dict]:
                     "--threads",
                     str(settings["threads"]),
                 ]
-                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-                # run from the directory holding this package, so the worker imports this copy
-                done = subprocess.run(
-                    command,
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    cwd=PACKAGE_DIR.parent,
-                    timeout=1800,
-                )
-                if done.returncode != 0:
-                    raise RuntimeError(f"memory worker failed:\n{done.stderr[-3000:]}")
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row = run_worker(command, "memory worker")
                 rows.append(row)
                 log(
                     f"  memory T={num_tasks} streaming={streaming}: peak RSS "
