@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,13 +168,9 @@ def layer_statistics(runs: Sequence[AceRun], presets: Dict[str, float]) -> Dict[
 
 
 def _spread(values: Sequence[float]) -> dict:
-    ordered = sorted(values)
-    if not ordered:
+    if not values:
         return {"min": None, "median": None, "max": None}
-    middle = len(ordered) // 2
-    median = (ordered[middle] if len(ordered) % 2
-              else (ordered[middle - 1] + ordered[middle]) / 2)
-    return {"min": ordered[0], "median": median, "max": ordered[-1]}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def _common(curves, track_best, within, mode) -> Optional[dict]:
