@@ -7,7 +7,23 @@ import sys
 from pathlib import Path
 
 from .benchmarks import available_benchmarks, load_benchmark
+from .launchers import available_launchers, load_launcher
 from .runner import new_run_dir, point_latest, run_comparison, run_sweep, summarize_sweep
+
+JOBS_HELP = (
+    "Every method (grid point) is a job in its own directory under <out>/jobs/; running the same "
+    "command again reuses the jobs that finished."
+)
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--launcher", nargs="+", metavar=("NAME", "KEY=VALUE"), default=["local"],
+        help="where the jobs run: " + ", ".join(available_launchers())
+        + " (config/launcher/NAME.yaml), then any of its options as key=value; default: local",
+    )
+    parser.add_argument("--rerun", action="store_true",
+                        help="run every job again, even those that finished")
 
 
 def _grid(items):
@@ -24,13 +40,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.compare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run methods on a benchmark and write its comparison table")
+    run = sub.add_parser("run", help="run methods on a benchmark and write its comparison table",
+                         description=JOBS_HELP)
     run.add_argument("benchmark")
     run.add_argument("--methods", help="comma-separated; default: the benchmark's default_methods")
     run.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>")
     run.add_argument("--seeds", help="comma-separated track seeds (embedded tracks): one "
                      "comparison per seed and a table of mean ± std")
-    sweep = sub.add_parser("sweep", help="a Hydra multirun grid of one method: table + heatmap")
+    _add_job_options(run)
+    sweep = sub.add_parser("sweep", help="a grid of one method's settings: table + heatmap",
+                           description=JOBS_HELP)
     sweep.add_argument("benchmark")
     sweep.add_argument(
         "--grid", nargs="*", help="key=v1,v2 ... (default: the benchmark's sweep grid)"
@@ -38,6 +57,7 @@ def main(argv=None) -> int:
     sweep.add_argument("--out", type=Path, help="default: outputs/compare/<benchmark>_sweep")
     sweep.add_argument("--validation", action="store_true", help="evaluate on the benchmark's "
                        "validation data (its `validation:` overrides), not its test data")
+    _add_job_options(sweep)
     respread = sub.add_parser("spread", help="rewrite the mean ± std tables of a `run --seeds` "
                               "directory from its seeds' results (runs nothing)")
     respread.add_argument("run_dir", type=Path, help="the directory `run --seeds` wrote "
@@ -65,6 +85,12 @@ def main(argv=None) -> int:
         for name in available_benchmarks():
             print(f"{name:<28} {load_benchmark(name).get('description', '')}")
         return 0
+    if args.command in ("run", "sweep"):
+        try:
+            jobs = {"launcher": load_launcher(args.launcher[0], args.launcher[1:]),
+                    "rerun": args.rerun}
+        except ValueError as error:
+            raise SystemExit(f"--launcher: {error}")
     if args.command == "run":
         methods = args.methods.split(",") if args.methods else None
         out = args.out or Path("outputs/compare") / args.benchmark
@@ -72,9 +98,9 @@ def main(argv=None) -> int:
             from .seeds import run_over_seeds
 
             seeds = [int(s) for s in args.seeds.split(",")]
-            run_over_seeds(args.benchmark, methods, seeds, out, argv)
+            run_over_seeds(args.benchmark, methods, seeds, out, argv, **jobs)
         else:
-            run_comparison(args.benchmark, methods, out, argv)
+            run_comparison(args.benchmark, methods, out, argv, **jobs)
         return 0
     if args.command == "spread":
         from .seeds import rewrite_spread
@@ -83,7 +109,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "sweep":
         out = args.out or Path("outputs/compare") / f"{args.benchmark}_sweep"
-        run_sweep(args.benchmark, _grid(args.grid), out, argv, validation=args.validation)
+        run_sweep(args.benchmark, _grid(args.grid), out, argv, validation=args.validation,
+                  **jobs)
         return 0
     run_dir = new_run_dir(args.out)
     summarize_sweep(

@@ -3,7 +3,13 @@
 Each run writes ``table.md``, ``table.csv``, ``bars.png`` and ``provenance.json`` into a new
 timestamped directory under the output directory, then points ``latest`` at it; an ACE run's
 diagnostics (γ per layer, spectra) are plotted into ``diagnostics/<method>/``. A sweep writes a
-table and a heatmap of a Hydra multirun of one method.
+table and a heatmap of a grid of one method's settings.
+
+Every method (every grid point) is one job: a ``fusion_bench`` run in its own directory under
+``<out>/jobs/`` (linked from the table's ``runs/<method>``), run through a launcher
+(:mod:`.launchers`: here one after another or in parallel, SLURM, Ray). The same command run
+again reuses the jobs whose report exists (``rerun=True`` runs them again), and a job that fails
+becomes a row saying so and where its log is, beside the other rows.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import datetime as _dt
 import itertools
 import json
 import os
-import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -27,7 +32,9 @@ from .benchmarks import (
     track_manifest,
 )
 from .diagnostics import write_diagnostics
-from .runs import log_tail, run_fusion_bench, sweep_jobs
+from .jobs import run_entries
+from .launchers import Launcher, load_launcher
+from .runs import log_tail, sweep_jobs
 from .tables import (
     INDIVIDUAL,
     NORMALISED,
@@ -35,13 +42,14 @@ from .tables import (
     Row,
     bar_plot,
     csv_table,
+    failed_row,
     heatmap,
     markdown_table,
     measured_row,
     normalised_row,
     reference_scores,
 )
-from .variants import VariantResult, run_entry
+from .variants import VariantResult
 
 # --- output directories ---------------------------------------------------------------------------
 
@@ -74,23 +82,27 @@ def point_latest(out: Path, run_dir: Path) -> None:
 
 def run_comparison(
     benchmark: str, methods: Optional[Sequence[str]], out: Path, argv: Sequence[str],
-    *, log=print,
+    *, launcher: Optional[Launcher] = None, rerun: bool = False, jobs_root: Optional[Path] = None,
+    log=print,
 ) -> Path:
+    """One table of ``methods`` (default: the benchmark's) under ``out``; ``jobs_root``: where the
+    jobs' directories are kept (default ``out/jobs``)."""
     spec = load_benchmark(benchmark)
     names = resolve_methods(spec, methods)
-    metric = spec.get("metric", "accuracy")
     _prepare(spec, log)
     warning = track_change_warning(spec, out / "latest" / "provenance.json")
     if warning:
         log(warning)
+    launcher = launcher or load_launcher("local")
     run_dir = new_run_dir(out)
     log(f"[compare] {benchmark}: {len(names)} methods -> {run_dir}")
+    results = run_entries(
+        names, spec, jobs_root or out / "jobs", launcher=launcher,
+        fingerprint=_fingerprint(spec), rerun=rerun, engine_folder=run_dir / "launcher", log=log,
+    )
     rows, failures, individual = [], [], None
-    for name in names:
-        start = time.perf_counter()
-        result = run_entry(name, spec, run_dir / "runs" / name, metric)
-        status = "ok" if result.ok else "FAILED"
-        log(f"[compare]   {name:<22} {status} in {time.perf_counter() - start:.0f} s")
+    for name, result in zip(names, results):
+        _link(run_dir / "runs" / name, result.log_dir)
         if result.ok:
             rows.append(result.row)
             if name == INDIVIDUAL:
@@ -101,16 +113,19 @@ def run_comparison(
                                   f"{benchmark}: {name} diagnostics")
         else:
             failures.append(result)
+            rows.append(failed_row(name, spec["tasks"], result.failure_note(Path("runs") / name)))
             for directory in result.failed:
                 log(log_tail(directory))
+            if result.error:
+                log(result.error)
     rows += normalised_rows(spec, rows, individual, log)
     rows += paper_rows(spec)
-    _write_tables(run_dir, spec, rows, argv, failures)
+    _write_tables(run_dir, spec, rows, argv, failures, launcher=launcher, results=results)
     point_latest(out, run_dir)
     log(markdown_table(rows, spec["tasks"]))
     if failures:
         raise RuntimeError(f"{len(failures)} method(s) failed: {[f.method for f in failures]}; "
-                           f"see {run_dir}/runs/<method>/fusion_bench.log")
+                           f"see their rows in {run_dir}/table.md")
     return run_dir
 
 
@@ -132,11 +147,13 @@ def normalised_rows(spec: dict, rows: List[Row], individual: Optional[dict], log
 
 
 def run_sweep(
-    benchmark: str, grid: Dict[str, List[str]], out: Path, argv: Sequence[str], *, log=print,
-    validation: bool = False,
+    benchmark: str, grid: Dict[str, List[str]], out: Path, argv: Sequence[str], *,
+    launcher: Optional[Launcher] = None, rerun: bool = False, validation: bool = False, log=print,
 ) -> Path:
-    """A Hydra multirun of the benchmark's sweep method over ``grid``; with ``validation``, on the
-    benchmark's validation data (its ``validation:`` overrides) instead of its test data."""
+    """One method (the benchmark's ``sweep.method``) at every point of ``grid`` (default: the
+    benchmark's ``sweep.grid``), each point a job; table and heatmap under ``out``. With
+    ``validation``, on the benchmark's validation data (its ``validation:`` overrides) instead of
+    its test data."""
     spec = load_benchmark(benchmark)
     sweep = spec.get("sweep") or {}
     method = sweep.get("method")
@@ -150,29 +167,41 @@ def run_sweep(
                              "(a `validation:` list of overrides in its config/compare file)")
     grid = grid or {k: [str(v) for v in vals] for k, vals in sweep["grid"].items()}
     _prepare(spec, log)
+    launcher = launcher or load_launcher("local")
     run_dir = new_run_dir(out)
-    jobs = run_dir / "jobs"
-    sweeps = [f"{k}={','.join(map(str, v))}" for k, v in grid.items()]
-    total = 1
-    for values in grid.values():
-        total *= len(values)
+    params = list(grid)
+    points = list(itertools.product(*(grid[p] for p in params)))
     data = "validation" if validation else "test"
-    log(f"[compare] sweep of {method} on {benchmark} ({data} data): {total} jobs -> {run_dir}")
-    # every job logs into its own Hydra output dir, so no report overwrites another
-    completed = run_fusion_bench(
-        [*spec["overrides"], *split, f"method={method}", *sweeps, f"hydra.sweep.dir={jobs}",
-         "path.log_dir=${hydra:runtime.output_dir}"],
-        run_dir, multirun=True,
+    log(f"[compare] sweep of {method} on {benchmark} ({data} data): {len(points)} jobs "
+        f"-> {run_dir}")
+    labels = [", ".join(f"{p}={v}" for p, v in zip(params, point)) for point in points]
+    # every grid point an entry of its own, as a comparison's methods are
+    points_spec = {
+        **spec, "overrides": [*spec["overrides"], *split], "tuned": {}, "method_seeds": {},
+        "methods": {label: [f"method={method}", *(f"{p}={v}" for p, v in zip(params, point))]
+                    for label, point in zip(labels, points)},
+    }
+    results = run_entries(
+        labels, points_spec, out / "jobs", launcher=launcher, fingerprint=_fingerprint(spec),
+        rerun=rerun, engine_folder=run_dir / "launcher", log=log,
     )
-    if completed.returncode != 0:
-        log(log_tail(run_dir))
-        raise RuntimeError(
-            f"the sweep failed (exit {completed.returncode}); see {run_dir}/fusion_bench.log"
-        )
-    summarize_sweep(jobs, spec, list(grid), run_dir, argv,
-                    title_suffix=" (sweep, validation data)" if validation else " (sweep)")
+    rows, failures = [], []
+    for index, (label, result) in enumerate(zip(labels, results)):
+        _link(run_dir / "jobs" / str(index), result.log_dir)
+        if result.ok:
+            rows.append(result.row)
+        else:
+            failures.append(result)
+            rows.append(failed_row(label, spec["tasks"],
+                                   result.failure_note(Path("jobs") / str(index))))
+    _sweep_tables(spec, params, points, rows, run_dir, argv, failures, launcher=launcher,
+                  results=results,
+                  title_suffix=" (sweep, validation data)" if validation else " (sweep)")
     point_latest(out, run_dir)
     log((run_dir / "table.md").read_text())
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(points)} sweep jobs failed; see their rows "
+                           f"in {run_dir}/table.md")
     return run_dir
 
 
@@ -180,9 +209,9 @@ def summarize_sweep(
     jobs_dir: Path, spec: dict, params: Sequence[str], run_dir: Path, argv: Sequence[str],
     title_suffix: str = " (sweep)",
 ) -> None:
-    """Table and heatmap of a multirun: one row per job, its parameters and scores."""
+    """Table and heatmap of a Hydra multirun you ran yourself: one row per finished job."""
     tasks = spec["tasks"]
-    rows, values = [], []
+    rows, points = [], []
     for job in sweep_jobs(jobs_dir):
         overrides = yaml.safe_load((job / "overrides.yaml").read_text()) or []
         settings = dict(o.split("=", 1) for o in overrides if "=" in o)
@@ -195,17 +224,25 @@ def summarize_sweep(
             spec.get("metric", "accuracy"),
         )
         rows.append(row)
-        values.append(point)
+        points.append(point)
     if not rows:
         raise RuntimeError(f"no finished jobs under {jobs_dir}")
-    _write_tables(run_dir, spec, rows, argv, [], title_suffix=title_suffix)
-    swept = [i for i, p in enumerate(params) if len({v[i] for v in values}) > 1]
+    _sweep_tables(spec, params, points, rows, run_dir, argv, [], title_suffix=title_suffix)
+
+
+def _sweep_tables(spec, params, points, rows, run_dir, argv, failures, title_suffix=" (sweep)",
+                  **provenance_of_jobs):
+    """The sweep's table, and a heatmap of the average over the first two swept parameters (one
+    panel per value of the others)."""
+    _write_tables(run_dir, spec, rows, argv, failures, title_suffix=title_suffix,
+                  **provenance_of_jobs)
+    swept = [i for i, p in enumerate(params) if len({v[i] for v in points}) > 1]
     if len(swept) >= 2:
         xi, yi = swept[0], swept[1]
-        x_values = _ordered({v[xi] for v in values})
-        y_values = _ordered({v[yi] for v in values})
+        x_values = _ordered({v[xi] for v in points})
+        y_values = _ordered({v[yi] for v in points})
         panels: Dict[str, Dict[tuple, float]] = {}
-        for point, row in zip(values, rows):
+        for point, row in zip(points, rows):
             rest = ", ".join(
                 f"{params[i]}={point[i]}" for i in range(len(params)) if i not in (xi, yi)
             )
@@ -239,6 +276,18 @@ def _prepare(spec: dict, log) -> None:
         build([spec["track"]])
 
 
+def _fingerprint(spec: dict) -> Optional[str]:
+    """What, beyond a job's overrides, decides its result: the embedded track's content."""
+    manifest = track_manifest(spec)
+    return None if manifest is None else manifest.get("content_hash")
+
+
+def _link(link: Path, target: Path) -> None:
+    """``link`` -> ``target`` as a relative symlink (the run directory can move with ``out``)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
 def _write_tables(
     run_dir: Path,
     spec: dict,
@@ -246,12 +295,18 @@ def _write_tables(
     argv: Sequence[str],
     failures: List[VariantResult],
     title_suffix: str = "",
+    launcher: Optional[Launcher] = None,
+    results: Sequence[VariantResult] = (),
 ) -> None:
     tasks = spec["tasks"]
     info = {
         **provenance.collect(" ".join(["python -m fusion_bench_ace.compare", *argv])),
         "benchmark": spec,
         "track_manifest": track_manifest(spec),
+        "launcher": launcher.config if launcher is not None else None,
+        "jobs": {r.method: {"dir": os.path.relpath(r.log_dir, run_dir), "reused": r.reused,
+                            "ok": r.ok, "seconds": None if r.error else r.seconds}
+                 for r in results},
     }
     (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
     (run_dir / "table.csv").write_text(csv_table(rows, tasks))
@@ -284,5 +339,9 @@ def _write_tables(
     else:
         lines += [markdown_table(rows, tasks), ""]
     if failures:
-        lines.append("Failed: " + ", ".join(f.method for f in failures))
+        lines.append("Failed: " + ", ".join(f.method for f in failures) + " (see their rows)")
+    reused = sum(r.reused for r in results)
+    if reused:
+        lines.append(f"{reused} of {len(results)} jobs reused from an earlier run of the same "
+                     "command (their merge time is that run's).")
     (run_dir / "table.md").write_text("\n".join(lines))

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 from .. import provenance
 from ..mini.cache import SEED_ENV
 from .benchmarks import load_benchmark
+from .launchers import Launcher
 from .runner import new_run_dir, point_latest, run_comparison
 
 
@@ -44,7 +45,7 @@ def track_seed(seed: int) -> Iterator[None]:
 
 def run_over_seeds(
     benchmark: str, methods: Optional[Sequence[str]], seeds: Sequence[int], out: Path,
-    argv: Sequence[str], *, log=print,
+    argv: Sequence[str], *, launcher: Optional[Launcher] = None, rerun: bool = False, log=print,
 ) -> Path:
     spec = load_benchmark(benchmark)
     if not spec.get("track"):
@@ -56,8 +57,10 @@ def run_over_seeds(
     per_seed = {}
     for seed in seeds:
         log(f"[compare] {benchmark}, track seed {seed}")
-        with track_seed(seed):
-            seed_dir = run_comparison(benchmark, methods, run_dir / f"seed_{seed}", argv, log=log)
+        with track_seed(seed):  # the jobs of all seeds in out/jobs: a rerun reuses them
+            seed_dir = run_comparison(benchmark, methods, run_dir / f"seed_{seed}", argv,
+                                      launcher=launcher, rerun=rerun, jobs_root=out / "jobs",
+                                      log=log)
         per_seed[seed] = seed_dir
     write_spread(run_dir, spec, per_seed, info)
     point_latest(out, run_dir)

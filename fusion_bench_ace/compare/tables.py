@@ -129,6 +129,14 @@ def normalised_row(row: Row, reference: Dict[str, Optional[float]], tasks: Seque
     )
 
 
+FAILED = "failed"
+
+
+def failed_row(name: str, tasks: Sequence[str], note: str) -> Row:
+    """The row of a job that produced no report: no scores, and ``note`` (why, which log)."""
+    return Row(name=name, scores={t: None for t in tasks}, source=FAILED, notes=[note])
+
+
 def _fmt(value: Optional[float], digits: int = 1) -> str:
     return (
         "–"
@@ -150,6 +158,8 @@ def markdown_table(rows: Sequence[Row], tasks: Sequence[str], *, with_cost: bool
         name = row.name if row.source == "measured" else f"{row.name} *({row.source})*"
         if row.setting:
             name += f" ({row.setting})"
+        if row.notes:
+            name += ": " + "; ".join(row.notes).replace("|", "\\|")
         cells = [name, *(_cell(row.scores.get(t), row.stds.get(t)) for t in tasks),
                  _cell(row.average, row.average_std)]
         if with_cost:
@@ -168,7 +178,7 @@ def csv_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "source", "scale", "setting", *tasks, "average",
                      *([f"std_{t}" for t in tasks] + ["average_std"] if with_std else []),
-                     "merge_seconds", "peak_rss_mib", "peak_cuda_mib"])
+                     "merge_seconds", "peak_rss_mib", "peak_cuda_mib", "notes"])
     for row in rows:
         writer.writerow([
             row.name, row.source, row.scale, row.setting or "",
@@ -176,7 +186,7 @@ def csv_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
             *([number(row.stds.get(t)) for t in tasks] + [number(row.average_std)]
               if with_std else []),
             number(row.merge_seconds, 3), number(row.peak_rss_mib, 1),
-            number(row.peak_cuda_mib, 1),
+            number(row.peak_cuda_mib, 1), "; ".join(row.notes),
         ])
     return buffer.getvalue()
 

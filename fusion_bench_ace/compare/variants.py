@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -37,6 +37,28 @@ class VariantResult:
     """The test run's report (tuned) - what normalisation and diagnostics read."""
     log_dir: Optional[Path] = None
     failed: List[Path] = field(default_factory=list)
+    """The directories whose ``fusion_bench.log`` says why it failed."""
+    returncode: Optional[int] = None
+    """The failed ``fusion_bench`` run's exit status."""
+    seconds: float = float("nan")
+    reused: bool = False
+    """Not run: an earlier run of the same entry had finished (:mod:`.jobs`)."""
+    error: Optional[str] = None
+    """Why the launcher could not run the entry to its end (:mod:`.launchers`)."""
+    engine_logs: Tuple[str, ...] = ()
+
+    def failure_note(self, shown_dir: Optional[Path] = None) -> str:
+        """How it failed and which log says why, for its row; ``shown_dir``: the path the reader
+        knows ``log_dir`` by (default ``log_dir`` itself)."""
+        if self.error is not None:
+            where = ", ".join(self.engine_logs) or str(shown_dir or self.log_dir)
+            return f"the launcher lost it ({self.error.splitlines()[0]}); logs: {where}"
+        shown = Path(shown_dir or self.log_dir)
+        failed = self.failed[0] if self.failed else self.log_dir
+        log = shown / Path(failed).relative_to(self.log_dir) / "fusion_bench.log"
+        if self.returncode in (None, 0):
+            return f"no report written; log: {log}"
+        return f"exit {self.returncode}; log: {log}"
 
 
 def _multirun(overrides: Sequence[str], parameter: str, values: Sequence, run_dir: Path):
@@ -81,14 +103,15 @@ def run_tuned(name: str, spec: dict, log_dir: Path, metric: str = "accuracy") ->
               "validation_average": averages, "chosen": None}
     if code != 0 or len(scored) < len(grid):
         (log_dir / "tuning.json").write_text(json.dumps(record, indent=1))
-        return VariantResult(name, ok=False, log_dir=log_dir / "validation",
-                             failed=[log_dir / "validation"])
+        return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir / "validation"],
+                             returncode=code)
     best = max(scored, key=lambda v: averages[str(v)])  # the first of equal bests, in grid order
     record["chosen"] = best
     (log_dir / "tuning.json").write_text(json.dumps(record, indent=1))
     result = run_method(name, [*base, f"{parameter}={best}"], log_dir)
     if not result.ok:
-        return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir])
+        return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir],
+                             returncode=result.returncode)
     setting = f"{parameter}={best}, tuned on validation"
     row = measured_row(name, result.report, result.merge_stats, spec["tasks"], metric, setting)
     return VariantResult(name, ok=True, row=row, report=result.report, log_dir=log_dir)
@@ -101,7 +124,7 @@ def run_seeded(name: str, spec: dict, log_dir: Path, metric: str = "accuracy") -
                            log_dir)
     missing = [v for v in values if str(v) not in jobs]
     if code != 0 or missing:
-        return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir])
+        return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir], returncode=code)
     return VariantResult(name, ok=True, log_dir=log_dir,
                          row=seeded_from_jobs(name, [jobs[str(v)] for v in values], spec["tasks"],
                                               metric, f"mean ± std over {parameter}="
@@ -123,6 +146,7 @@ def run_entry(name: str, spec: dict, log_dir: Path, metric: str = "accuracy") ->
         return run_seeded(name, spec, log_dir, metric)
     result: RunResult = run_method(name, [*spec["overrides"], *spec["methods"][name]], log_dir)
     if not result.ok:
-        return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir])
+        return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir],
+                             returncode=result.returncode)
     row = measured_row(name, result.report, result.merge_stats, spec["tasks"], metric)
     return VariantResult(name, ok=True, row=row, report=result.report, log_dir=log_dir)
