@@ -132,14 +132,18 @@ class _Shard:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self.prefix = struct.pack("<Q", len(encoded)) + encoded
-        self.pending = set(self.specs)
+        self.pending: set = set()
         self.handle = None
 
+    def create(self) -> None:
+        """The file at its full size: the header, then zeros where the tensors go."""
+        with open(self.path, "wb") as handle:
+            handle.write(self.prefix)
+            handle.truncate(len(self.prefix) + self.data_bytes)
+
     def write(self, name: str, tensor: Tensor) -> None:
-        if self.handle is None:
-            self.handle = open(self.path, "wb")
-            self.handle.write(self.prefix)
-            self.handle.truncate(len(self.prefix) + self.data_bytes)
+        if self.handle is None:  # the file exists (create): only this writer's bytes change
+            self.handle = open(self.path, "r+b")
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         self.handle.seek(len(self.prefix) + self.offsets[name])
         if data.numel():
@@ -165,6 +169,13 @@ class ShardedSafetensorsWriter:
         max_shard_size: bytes per file (int, or ``"5GB"``-style); a larger tensor gets its own.
         metadata: the files' ``__metadata__`` (``{"format": "pt"}`` as ``save_pretrained``).
 
+        names: the tensors this writer writes, in the order of ``specs`` (default: all). The
+            files' layout is that of all of ``specs`` whatever ``names`` is, so writers of
+            disjoint ``names`` (the processes of one merge) fill the same files as one writer of
+            every tensor would, byte for byte.
+        create_files: create every file at its full size now (header, zeros for the data);
+            ``False``: the files exist (another writer created them), open them to write into.
+
     :meth:`write` checks each tensor against its spec (name in order, shape, dtype) and writes
     its bytes straight to its place in its shard; :meth:`finish` checks that all were written and
     writes the index (when there is more than one shard). Memory: the tensor being written.
@@ -176,11 +187,14 @@ class ShardedSafetensorsWriter:
         specs: Sequence[TensorSpec],
         max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
         metadata: Optional[Mapping[str, str]] = None,
+        *,
+        names: Optional[Sequence[str]] = None,
+        create_files: bool = True,
     ):
         if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for
             raise RuntimeError("safetensors files are little-endian; this machine is not")
-        names = [spec.name for spec in specs]
-        if len(set(names)) != len(names):
+        all_names = [spec.name for spec in specs]
+        if len(set(all_names)) != len(all_names):
             raise ValueError("tensor names must be unique")
         unsupported = sorted({str(s.dtype) for s in specs if s.dtype not in DTYPE_CODES})
         if unsupported:
@@ -197,8 +211,19 @@ class ShardedSafetensorsWriter:
         self.shards = [_Shard(self.directory / f, g, metadata) for f, g in zip(files, groups)]
         self.weight_map = {spec.name: file for file, group in zip(files, groups) for spec in group}
         self._shard_of = {name: shard for shard in self.shards for name in shard.specs}
-        self._next = 0
         self.total_size = sum(spec.nbytes for spec in self.specs)
+        if names is not None:
+            unknown = sorted(set(names) - set(self._shard_of))
+            if unknown:
+                raise ValueError(f"names not among the planned tensors: {unknown[:3]}")
+            chosen = set(names)
+            self.specs = [spec for spec in self.specs if spec.name in chosen]
+        for spec in self.specs:
+            self._shard_of[spec.name].pending.add(spec.name)
+        self._next = 0
+        if create_files:
+            for shard in self.shards:
+                shard.create()
 
     def write(self, name: str, tensor: Tensor) -> None:
         if self._next >= len(self.specs):
@@ -214,13 +239,14 @@ class ShardedSafetensorsWriter:
         self._shard_of[name].write(name, tensor)
         self._next += 1
 
-    def finish(self) -> List[str]:
-        """Check completeness, write the index if sharded; returns the files written."""
+    def finish(self, write_index: bool = True) -> List[str]:
+        """Check that this writer's tensors were all written, write the index if sharded (and
+        ``write_index``: one writer of several writes it); returns the files."""
         if self._next != len(self.specs):
             missing = [s.name for s in self.specs[self._next:]]
             raise ValueError(f"{len(missing)} planned tensors were not written, e.g. {missing[:3]}")
         files = sorted({shard.path.name for shard in self.shards})
-        if len(self.shards) > 1:
+        if len(self.shards) > 1 and write_index:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
             files.append(SAFE_INDEX)

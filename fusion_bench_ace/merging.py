@@ -285,6 +285,9 @@ def write_merged_checkpoint(
     scaling_factor: float = 1.0,
     device: str | torch.device = "cpu",
     progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+    names: Optional[Sequence[str]] = None,
+    create_files: bool = True,
+    write_index: bool = True,
 ) -> List[str]:
     """Merge into safetensors shards in ``directory``, each tensor written as it is computed.
 
@@ -293,14 +296,28 @@ def write_merged_checkpoint(
     ``pretrained`` and ``experts`` (:mod:`fusion_bench_ace.streaming`), memory holds one
     parameter's task vectors and its merged tensor, whatever the model size. Returns the files
     written (:class:`fusion_bench_ace.checkpoint.ShardedSafetensorsWriter`).
+
+    One share of a merge split across processes: ``names`` (in the order of ``specs``) are the
+    tensors this process merges and writes into files another process created
+    (``create_files=False``, :func:`create_checkpoint_files`); one of them writes the index.
     """
-    writer = ShardedSafetensorsWriter(directory, specs, max_shard_size)
+    writer = ShardedSafetensorsWriter(directory, specs, max_shard_size, names=names,
+                                      create_files=create_files)
     try:
         for name, merged in merged_tensors(
-            pretrained, experts, matrix_merge, plan, names=[spec.name for spec in specs],
+            pretrained, experts, matrix_merge, plan, names=[spec.name for spec in writer.specs],
             scaling_factor=scaling_factor, device=device, progress=progress,
         ):
             writer.write(name, merged)
-        return writer.finish()
+        return writer.finish(write_index=write_index)
     finally:
         writer.abort()
+
+
+def create_checkpoint_files(
+    directory: str | os.PathLike, specs: Sequence[TensorSpec],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """The shards :func:`write_merged_checkpoint` writes into, created at their full size (headers
+    written, zeros where the tensors go), for processes that each write a share of them."""
+    ShardedSafetensorsWriter(directory, specs, max_shard_size, names=[]).finish(write_index=False)
