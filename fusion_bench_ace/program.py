@@ -14,6 +14,8 @@ Use it with ``fusion_bench --config-name ace_model_fusion ...`` (our root config
   ``merged_model_save_path`` as a Hugging Face checkpoint directory (sharded safetensors;
   ``merged_model_save_kwargs.max_shard_size``), and the run returns no model. When the pool
   cannot be streamed (not local safetensors checkpoints), the usual in-memory merge and save run.
+  Under ``torchrun --nproc-per-node N`` ACE splits that merge across the N processes
+  (docs/scale_out.md); rank 0 writes ``merge_stats.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fusion_bench.utils import timeit_context
 
 from . import provenance
 from .checkpoint import staged_path
+from .distributed import world_from_env
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,9 @@ class FusionProgram(FabricModelFusionProgram):
                 "overwrite_merged_model=true to replace it"
             )
         result = super().run()
-        if self._merge_stats is not None and self.log_dir is not None:
+        rank, _, world_size = world_from_env()
+        if self._merge_stats is not None and self.log_dir is not None and rank == 0:
+            self._merge_stats["processes"] = world_size  # torchrun: rank 0's, after all ranks
             with open(os.path.join(self.log_dir, "merge_stats.json"), "w") as handle:
                 json.dump(self._merge_stats, handle, indent=1)
         return result

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -18,8 +20,10 @@ from torch import Tensor, nn
 
 from ..ace import ace_merge_layer_with_info, check_ace_hyperparameters
 from ..checkpoint import DEFAULT_MAX_SHARD_SIZE, staged_path
+from ..distributed import Ranks, balanced_owners, plan_costs, work_per_rank
 from ..merging import (
     check_experts_match,
+    create_checkpoint_files,
     merge_in_place,
     plan_parameters,
     write_merged_checkpoint,
@@ -108,6 +112,9 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         self._average = NamePatterns.compile(average_keys, "average_keys")
         self._spectrum = NamePatterns.compile(spectrum_keys, "spectrum_keys")
         self.layer_info: List[dict] = []
+        self.partition: Optional[dict] = None
+        """Under torchrun: this rank's share of :meth:`merge_to_checkpoint` and every rank's
+        estimated work (:mod:`fusion_bench_ace.distributed`)."""
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool) -> nn.Module:
@@ -171,33 +178,80 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         checkpoints = open_pool_checkpoints(modelpool, self.streaming)
         if checkpoints is None:
             return False
+        ranks = Ranks.join(device)  # None in one process; under torchrun, this merge's share
+        device = device if ranks is None else ranks.device
         reference = checkpoints.pretrained.meta()
         plan = self._plan(reference, ())
         check_experts_match(
             reference, {name: state.meta() for name, state in checkpoints.experts.items()},
             ignore=plan.skip,
         )
-        self._log_start(len(checkpoints.experts), plan, device, f"writing {path}")
+        specs = tensor_specs(reference)
+        self._matrix_order = plan.matrix
+        how = f"writing {path}"
+        if ranks is not None:
+            shapes = {spec.name: spec.shape for spec in specs}
+            costs = plan_costs(shapes, plan.matrix, plan.average, len(checkpoints.experts))
+            owners = balanced_owners(costs, ranks.world_size)
+            work = work_per_rank(costs, owners, ranks.world_size)
+            self.partition = {"rank": ranks.rank, "world_size": ranks.world_size,
+                              "tensors": owners.count(ranks.rank), "work_per_rank": work}
+            how += (f", rank {ranks.rank} of {ranks.world_size}: {owners.count(ranks.rank)} of "
+                    f"{len(specs)} tensors, estimated work max/min over ranks "
+                    f"{max(work) / max(min(work), 1.0):.3f}")
+        self._log_start(len(checkpoints.experts), plan, device, how)
         self.layer_info = []
-        with self.profile("merge and write"), staged_path(path, overwrite=overwrite) as staging:
-            staging.mkdir()
-            write_merged_checkpoint(
-                staging,
-                checkpoints.pretrained,
-                checkpoints.experts,
-                self._merge_matrix,
-                plan,
-                specs=tensor_specs(reference),
-                max_shard_size=max_shard_size,
-                scaling_factor=self.scaling_factor,
-                device=device,
-                progress=layer_progress("ACE-Merging"),
-            )
-            write_model_files(staging, modelpool, checkpoints)
-        log.info("wrote the merged model to %s", path)
-        self._report_diagnostics()
+        merge = dict(
+            pretrained=checkpoints.pretrained, experts=checkpoints.experts,
+            matrix_merge=self._merge_matrix, plan=plan, specs=specs,
+            max_shard_size=max_shard_size, scaling_factor=self.scaling_factor, device=device,
+        )
+        with self.profile("merge and write"):
+            if ranks is None:
+                with staged_path(path, overwrite=overwrite) as staging:
+                    staging.mkdir()
+                    write_merged_checkpoint(staging, **merge,
+                                            progress=layer_progress("ACE-Merging"))
+                    write_model_files(staging, modelpool, checkpoints)
+            else:
+                mine = [s.name for s, owner in zip(specs, owners) if owner == ranks.rank]
+                self._merge_share(ranks, path, overwrite, mine, merge,
+                                  lambda staging: write_model_files(staging, modelpool,
+                                                                    checkpoints))
+        if ranks is None or ranks.is_main:
+            log.info("wrote the merged model to %s", path)
+        self._report_diagnostics(ranks)
         self.print_profile_summary("ACE-Merging profile")
         return True
+
+    def _merge_share(self, ranks: Ranks, path, overwrite: bool, mine: List[str], merge: dict,
+                     write_model_files) -> None:
+        """This rank's share of a checkpoint written by several processes: rank 0 stages the
+        directory and creates the shards (the layout of one process's), every rank writes its
+        tensors into them, rank 0 writes the index and the model files and renames it into
+        place. A failure on any rank stops all (:meth:`Ranks.together`)."""
+
+        def write_share(staging: Path) -> None:
+            write_merged_checkpoint(
+                staging, **merge, names=mine, create_files=False, write_index=ranks.is_main,
+                progress=layer_progress(f"ACE-Merging (rank {ranks.rank})"),
+            )
+
+        main = ranks.is_main
+        with ExitStack() as stack:
+
+            def stage() -> Optional[Path]:
+                if not main:
+                    return None
+                staging = stack.enter_context(staged_path(path, overwrite=overwrite))
+                staging.mkdir()
+                create_checkpoint_files(staging, merge["specs"], merge["max_shard_size"])
+                return staging
+
+            staging = Path(ranks.broadcast(str(ranks.together(stage))))
+            ranks.together(lambda: write_share(staging))
+            ranks.together(lambda: write_model_files(staging) if main else None)
+            ranks.together(stack.close)  # rank 0 renames the directory into place
 
     def _plan(self, pretrained, transpose):
         return plan_parameters(
@@ -247,7 +301,14 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
                   else f"gamma_mode=scale_free, tau_scale_free={self.tau_scale_free:g}")
         return f"{ridge}, {branch}"
 
-    def _report_diagnostics(self) -> None:
+    def _report_diagnostics(self, ranks: Optional[Ranks] = None) -> None:
+        if ranks is not None:  # every rank's layers, in the order one process merges them
+            gathered = ranks.gather(self.layer_info)
+            if not ranks.is_main:
+                return
+            rows = [row for rows in gathered for row in rows]
+            order = {name: i for i, name in enumerate(self._matrix_order)}
+            self.layer_info = sorted(rows, key=lambda row: order[row["name"]])
         if not self.layer_info:
             return
         heterogeneous = sum(1 for row in self.layer_info if row["heterogeneous"])
