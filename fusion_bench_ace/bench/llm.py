@@ -91,12 +91,20 @@ def _numel(shape) -> int:
 
 def write_synthetic_pool(root: Path, spec: dict, num_tasks: int, settings: dict) -> Dict[str, str]:
     """``pretrained/`` and ``expert_<t>/`` under ``root``, tensor by tensor; returns the paths."""
+    return write_synthetic_checkpoints(root, state_shapes(spec), llama_config(spec), num_tasks,
+                                       settings)
+
+
+def write_synthetic_checkpoints(root: Path, shapes: Dict[str, tuple], config, num_tasks: int,
+                                settings: dict) -> Dict[str, str]:
+    """Checkpoints of the tensors ``shapes`` (``settings``: ``dtype``, ``seed``, ``noise``,
+    ``max_shard_size``) with the Hugging Face ``config``: ``pretrained/`` and ``expert_<t>/``
+    under ``root``; returns the paths."""
     from ..checkpoint import ShardedSafetensorsWriter, TensorSpec
     from ..streaming import open_checkpoint
 
     dtype = getattr(torch, settings["dtype"])
-    config = llama_config(spec)
-    specs = [TensorSpec(name, shape, dtype) for name, shape in state_shapes(spec).items()]
+    specs = [TensorSpec(name, shape, dtype) for name, shape in shapes.items()]
     paths = {"_pretrained_": str(root / "pretrained"),
              **{f"expert_{t}": str(root / f"expert_{t}") for t in range(num_tasks)}}
     generator = torch.Generator().manual_seed(settings["seed"])

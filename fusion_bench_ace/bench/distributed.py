@@ -1,0 +1,228 @@
+"""One ACE merge across processes: wall time and load balance against one process.
+
+``python -m fusion_bench_ace.bench.distributed [--tiny] [--out DIR]`` (settings:
+``config/bench/distributed.yaml``) writes synthetic GPT-2-shaped experts (``T`` of them, random
+weights as :func:`fusion_bench_ace.bench.llm.write_synthetic_checkpoints` makes them), then, for
+each number of processes N, runs ``ACEMerging.merge_to_checkpoint`` under
+``torchrun --standalone --nproc-per-node N`` (gloo, one torch thread per process, every merged
+tensor written straight to its shard) and reports per N: the merge's wall time (the slowest rank's
+``merge_to_checkpoint``), the speed-up over one process, per rank the time spent in ACE's per-matrix
+math and the number of tensors, the load balance (max/min over ranks of that time, and of the
+estimated work that decided the partition), and whether the checkpoint is byte-identical to one
+process's. The machine's load average before and after each run says how shared it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .. import provenance
+from ..paths import PACKAGE_DIR, config_dir
+
+
+def load_settings(path: Optional[str | Path] = None) -> dict:
+    from omegaconf import OmegaConf
+
+    path = Path(path) if path else config_dir() / "bench" / "distributed.yaml"
+    return {"config_file": str(path), **OmegaConf.to_container(OmegaConf.load(path), resolve=True)}
+
+
+def gpt2_shapes(spec: dict):
+    """``({name: shape}, config)`` of a GPT-2 LM of ``spec`` as its checkpoint stores it (the
+    head is tied to ``wte``; buffers are not stored)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(**spec)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # no tied duplicate
+    return shapes, config
+
+
+# --- one process of the merge (under torchrun) --------------------------------------------------
+
+
+def worker(paths: Dict[str, str], settings: dict, out: str, result_dir: str) -> None:
+    import torch
+    from fusion_bench.modelpool import CausalLMPool
+
+    from ..algorithms.ace import ACEMerging
+
+    torch.set_num_threads(settings["threads"])
+    method = ACEMerging(eps=settings["eps"], tau=settings["tau"], k_frac=settings["k_frac"],
+                        exclude_keys=settings["exclude_keys"], diagnostics=False,
+                        streaming="true")
+    merge_matrix, matrix_seconds = method._merge_matrix, [0.0]
+
+    def timed_merge_matrix(task_vectors, name):
+        start = time.perf_counter()
+        merged = merge_matrix(task_vectors, name)
+        matrix_seconds[0] += time.perf_counter() - start
+        return merged
+
+    method._merge_matrix = timed_merge_matrix
+    pool = CausalLMPool(models=dict(paths), tokenizer=None,
+                        model_kwargs={"torch_dtype": settings["dtype"]})
+    start = time.perf_counter()
+    method.merge_to_checkpoint(pool, out, max_shard_size=settings["max_shard_size"])
+    seconds = time.perf_counter() - start
+    rank = int(os.environ.get("RANK", "0"))
+    partition = method.partition or {"rank": 0, "world_size": 1, "work_per_rank": None,
+                                     "tensors": None}
+    record = {**partition, "rank": rank, "merge_seconds": seconds,
+              "ace_matrix_seconds": matrix_seconds[0], "ace_matrices": len(method.layer_info),
+              "torch_threads": torch.get_num_threads()}
+    Path(result_dir, f"rank_{rank}.json").write_text(json.dumps(record))
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def file_digests(directory: Path) -> Dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def run_processes(count: int, paths: Dict[str, str], settings: dict, root: Path) -> dict:
+    out, results = root / f"merged_{count}", root / f"ranks_{count}"
+    results.mkdir()
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    command = [torchrun, "--standalone", "--nproc-per-node", str(count), "-m",
+               "fusion_bench_ace.bench.distributed", "--worker", json.dumps(paths),
+               json.dumps(settings), str(out), str(results)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(settings["threads"])}
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env,
+                          cwd=PACKAGE_DIR.parent, timeout=settings["worker_timeout_s"])
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun with {count} process(es) failed:\n"
+                           f"{(done.stdout + done.stderr)[-4000:]}")
+    ranks = sorted((json.loads(p.read_text()) for p in results.glob("rank_*.json")),
+                   key=lambda r: r["rank"])
+    return {"processes": count, "command_seconds": wall, "load_before": load_before,
+            "load_after": os.getloadavg(), "ranks": ranks,
+            "merge_seconds": max(r["merge_seconds"] for r in ranks),
+            "digests": file_digests(out)}
+
+
+def measure(settings: dict, model: str, log=print) -> dict:
+    shapes, config = gpt2_shapes(settings["models"][model])
+    from .llm import write_synthetic_checkpoints
+
+    with tempfile.TemporaryDirectory(prefix="ace_bench_distributed_",
+                                     dir=settings.get("scratch")) as scratch:
+        root = Path(scratch)
+        start = time.perf_counter()
+        paths = write_synthetic_checkpoints(root / "pool", shapes, config, settings["tasks"],
+                                            settings)
+        log(f"[bench distributed] {model}: {sum(_numel(s) for s in shapes.values()) / 1e6:.0f} M "
+            f"parameters, wrote {settings['tasks'] + 1} checkpoints in "
+            f"{time.perf_counter() - start:.0f} s")
+        runs = []
+        for count in settings["processes"]:
+            runs.append(run_processes(count, paths, settings, root))
+            log(f"[bench distributed]   {count} process(es): merge "
+                f"{runs[-1]['merge_seconds']:.1f} s")
+    return {"model": model, "spec": settings["models"][model], "runs": runs}
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _ratio(values: List[float]) -> str:
+    return "–" if not values or min(values) <= 0 else f"{max(values) / min(values):.3f}"
+
+
+def render(report: dict) -> str:
+    header = report["header"]
+    result = report["result"]
+    settings = report["settings"]
+    first = result["runs"][0]
+    lines = [
+        f"# One ACE merge across processes: {result['model']}-shaped experts, "
+        f"T = {settings['tasks']}",
+        "",
+        *provenance.markdown_lines(header),
+        f"- settings: `{settings['config_file']}`; model `{result['spec']}`, "
+        f"{settings['dtype']}, eps {settings['eps']}, tau {settings['tau']}, "
+        f"k_frac {settings['k_frac']}, {settings['threads']} torch thread(s) per process, gloo",
+        "- the machine is shared with other users: the load average (1, 5, 15 min) before and "
+        "after each run says how busy it was; every process ran under that contention",
+        "",
+        "| processes | merge s | speed-up | ACE math s per rank | tensors per rank | "
+        "max/min ACE math s | max/min estimated work | same bytes as 1 process | load before | "
+        "load after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"]:
+        ranks = run["ranks"]
+        estimated = ranks[0]["work_per_rank"] or []
+        lines.append(
+            f"| {run['processes']} | {run['merge_seconds']:.1f} | "
+            f"{first['merge_seconds'] / run['merge_seconds']:.2f}x | "
+            + " / ".join(f"{r['ace_matrix_seconds']:.1f}" for r in ranks) + " | "
+            + " / ".join(str(r["tensors"] if r["tensors"] is not None else "all")
+                         for r in ranks) + " | "
+            + _ratio([r["ace_matrix_seconds"] for r in ranks]) + " | "
+            + (_ratio(estimated) if estimated else "–") + " | "
+            + ("yes" if run["digests"] == first["digests"] else "**no**") + " | "
+            + " / ".join(f"{x:.1f}" for x in run["load_before"]) + " | "
+            + " / ".join(f"{x:.1f}" for x in run["load_after"]) + " |"
+        )
+    lines += [
+        "",
+        "`merge s`: the slowest rank's `ACEMerging.merge_to_checkpoint` (reading the experts, the "
+        "merge, writing the shards; not the processes' start-up). `ACE math s`: time in ACE's "
+        "per-matrix function on that rank. `estimated work`: the multiply-adds the partition "
+        "balanced (d_in² (T d_out + d_in) per ACE matrix, T numel per averaged tensor). "
+        "`same bytes`: every file of the checkpoint has the SHA-256 of one process's.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--worker":
+        worker(json.loads(argv[1]), json.loads(argv[2]), argv[3], argv[4])
+        return {}
+    parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.bench.distributed",
+                                     description=__doc__)
+    parser.add_argument("--settings", help="default: config/bench/distributed.yaml")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model (a quick check)")
+    parser.add_argument("--out", type=Path, help="default: the settings' out")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.settings)
+    model = settings["tiny_model" if args.tiny else "model"]
+    header = provenance.collect(
+        " ".join(["python -m fusion_bench_ace.bench.distributed", *argv]))
+    report = {"header": header, "settings": settings, "result": measure(settings, model)}
+    text = render(report)
+    out = args.out or Path(settings["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"distributed_{model}_T{settings['tasks']}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
