@@ -22,7 +22,7 @@ from fusion_bench_ace.compare.launchers import (
 
 from conftest import patched_environ
 
-METHODS = ["pretrained", "task_arithmetic", "ace"]
+METHODS = ["pretrained", "ace"]  # two jobs: the least that can run in parallel
 TASKS = load_benchmark("mini_gpt2")["tasks"]
 SCORE_COLUMNS = ["method", "source", *TASKS, "average"]
 
@@ -137,19 +137,6 @@ def test_local_parallel_gives_the_sequential_table_cell_for_cell(sequential, red
     assert provenance["launcher"]["workers"] == 2
 
 
-def test_slurm_path_through_submitits_local_executor_gives_the_same_table(
-        sequential, reduced_gpt2_env, tmp_path):
-    _, sequential_dir = sequential
-    launcher = load_launcher("slurm", ["cluster=local", "gpus_per_node=0", "poll_s=1",
-                                       "timeout_min=20", "partition=gpu"])
-    with patched_environ(reduced_gpt2_env):
-        run_dir = run_comparison("mini_gpt2", ["pretrained", "ace"], tmp_path / "out", ["run"],
-                                 launcher=launcher, log=quiet)
-    expected = [r for r in scores(sequential_dir) if r["method"] in ("pretrained", "ace")]
-    assert scores(run_dir) == expected
-    assert len(list((run_dir / "launcher").glob("*/*_result.pkl"))) == 2  # submitit's own files
-
-
 def test_rerunning_the_same_command_reuses_finished_jobs(sequential, reduced_gpt2_env):
     out, first = sequential
     messages = []
@@ -171,24 +158,60 @@ def test_rerunning_the_same_command_reuses_finished_jobs(sequential, reduced_gpt
     assert not json.loads((rerun / "provenance.json").read_text())["jobs"]["pretrained"]["reused"]
 
 
-def test_a_failed_job_is_a_row_with_its_log_and_the_others_stay(sequential, reduced_gpt2_env,
-                                                                tmp_path, monkeypatch):
+def test_slurm_path_through_submitit_gives_the_same_rows_and_a_failed_job_as_a_row(
+        sequential, reduced_gpt2_env, tmp_path, monkeypatch):
+    """The SLURM launcher with submitit's local executor (the code that builds the job array,
+    run as local processes): the measured row equals the sequential one, and a job that fails is
+    a row naming its log while the other row stays."""
+    _, sequential_dir = sequential
     spec = load_benchmark("mini_gpt2")
     spec["methods"]["broken"] = ["method=no_such_method"]
     monkeypatch.setattr(runner_module, "load_benchmark", lambda name: spec)
-    jobs_root = sequential[0] / "jobs"  # pretrained: reused from the sequential run
+    launcher = load_launcher("slurm", ["cluster=local", "gpus_per_node=0", "poll_s=1",
+                                       "timeout_min=20", "partition=gpu"])
     with patched_environ(reduced_gpt2_env), pytest.raises(RuntimeError, match="1 method"):
-        run_comparison("mini_gpt2", ["broken", "pretrained"], tmp_path / "out", ["run"],
-                       launcher=load_launcher("local_parallel"), jobs_root=jobs_root, log=quiet)
+        run_comparison("mini_gpt2", ["broken", "ace"], tmp_path / "out", ["run"],
+                       launcher=launcher, log=quiet)
     run_dir = (tmp_path / "out" / "latest").resolve()
+    assert len(list((run_dir / "launcher").glob("*/*_result.pkl"))) == 2  # submitit's own files
+    expected = [r for r in scores(sequential_dir) if r["method"] == "ace"]
+    assert scores(run_dir)[1:] == expected
     rows = {r["method"]: r for r in csv.DictReader((run_dir / "table.csv").open())}
-    assert list(rows) == ["broken", "pretrained"]
-    assert rows["pretrained"]["source"] == "measured" and rows["pretrained"]["average"]
+    assert list(rows) == ["broken", "ace"]
     assert rows["broken"]["source"] == "failed" and rows["broken"]["average"] == ""
     assert rows["broken"]["notes"] == "exit 1; log: runs/broken/fusion_bench.log"
     assert "no_such_method" in (run_dir / "runs" / "broken" / "fusion_bench.log").read_text()
     assert ("| broken *(failed)*: exit 1; log: runs/broken/fusion_bench.log |"
             in (run_dir / "table.md").read_text())
+
+
+def test_a_finished_entry_is_read_back_with_its_row(tmp_path, monkeypatch):
+    """What a reused job gives the table: the row its first run saved (a tuned row's setting
+    included), its report, and no second run."""
+    from fusion_bench_ace.compare import jobs
+    from fusion_bench_ace.compare.tables import Row
+    from fusion_bench_ace.compare.variants import VariantResult
+
+    calls = []
+
+    def fake_entry(name, spec, log_dir, metric):
+        calls.append(name)
+        log_dir.mkdir(parents=True)
+        (log_dir / "program_report.json").write_text('{"t": {"accuracy": 0.5}}')
+        row = Row(name=name, scores={"t": 50.0}, average=50.0, setting="lambda=0.3, tuned")
+        return VariantResult(name, ok=True, row=row, report={"t": {"accuracy": 0.5}},
+                             log_dir=log_dir)
+
+    monkeypatch.setattr(jobs, "run_entry", fake_entry)
+    spec = {"overrides": ["a=1"], "methods": {"m": ["method=x"]}, "tasks": ["t"]}
+    first = jobs.run_entries(["m"], spec, tmp_path, engine_folder=tmp_path / "e", log=quiet)
+    again = jobs.run_entries(["m"], spec, tmp_path, engine_folder=tmp_path / "e", log=quiet)
+    assert calls == ["m"] and again[0].reused and not first[0].reused
+    assert again[0].row == first[0].row and again[0].report == first[0].report
+    assert again[0].log_dir == first[0].log_dir
+    changed = {**spec, "overrides": ["a=2"]}  # other settings: another directory, run again
+    third = jobs.run_entries(["m"], changed, tmp_path, engine_folder=tmp_path / "e", log=quiet)
+    assert calls == ["m", "m"] and third[0].log_dir != first[0].log_dir
 
 
 class LosesEveryJob(Launcher):
