@@ -1,12 +1,12 @@
 """Wall time of a comparison sweep through different launchers, on this machine.
 
 ``python -m fusion_bench_ace.bench.launchers [--benchmark mini_gpt2] [--launchers local
-local_parallel] [--out results/perf/launchers] [--scratch DIR]`` runs ``compare sweep
-<benchmark>`` (its default grid) once per launcher, each into a fresh output directory (so no
-job is reused), and writes ``<out>/<benchmark>_sweep.md`` and ``.json``: per launcher the wall
-time, the CPU time its jobs used (their processes' user + system time), the load average before
-and after (other users of a shared machine slow every job down), and whether its table has the
-same scores, cell for cell, as the first launcher's.
+local_parallel] [--grid key=v1,v2 ...] [--out results/perf/launchers] [--scratch DIR]`` runs
+``compare sweep <benchmark>`` (its default grid unless ``--grid``) once per launcher, each into a
+fresh output directory (so no job is reused), and writes ``<out>/<benchmark>_sweep.md`` and
+``.json``: per launcher the wall time, the CPU time its jobs used (their processes' user + system
+time), the load average before and after (other users of a shared machine slow every job down),
+and whether its table has the same scores, cell for cell, as the first launcher's.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _score_cells(run_dir: Path) -> List[dict]:
     return [{k: v for k, v in row.items() if k not in cost} for row in rows]
 
 
-def measure(benchmark: str, launchers: Sequence[str], scratch: Path, log=print) -> List[dict]:
+def measure(benchmark: str, launchers: Sequence[str], scratch: Path, grid: Optional[dict] = None,
+            log=print) -> List[dict]:
     from ..compare import run_sweep
     from ..compare.launchers import load_launcher
 
@@ -53,8 +54,9 @@ def measure(benchmark: str, launchers: Sequence[str], scratch: Path, log=print) 
         load_before = os.getloadavg()
         cpu_before = _children_cpu_s()
         start = time.perf_counter()
-        run_dir = run_sweep(benchmark, {}, out, ["sweep", benchmark, "--launcher", name, *options],
-                            launcher=launcher, log=log)
+        argv = ["sweep", benchmark, *(["--grid", *(f"{k}={','.join(v)}" for k, v in grid.items())]
+                                      if grid else []), "--launcher", name, *options]
+        run_dir = run_sweep(benchmark, grid or {}, out, argv, launcher=launcher, log=log)
         wall = time.perf_counter() - start
         runs.append({
             "launcher": launcher.config, "wall_s": wall, "jobs_cpu_s": _children_cpu_s() -
@@ -108,11 +110,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="NAME or NAME:key=value:... (config/launcher/NAME.yaml)")
     parser.add_argument("--out", type=Path, default=Path("results/perf/launchers"))
     parser.add_argument("--scratch", type=Path, help="where the sweeps write (default: a temp dir)")
+    parser.add_argument("--grid", nargs="*", help="key=v1,v2 ... (default: the benchmark's grid)")
     args = parser.parse_args(argv)
     command = " ".join(["python -m fusion_bench_ace.bench.launchers", *(argv or sys.argv[1:])])
     info = provenance.collect(command)
     with tempfile.TemporaryDirectory() as temporary:
-        runs = measure(args.benchmark, args.launchers, args.scratch or Path(temporary))
+        grid = {k: v.split(",") for k, _, v in (item.partition("=") for item in args.grid or [])}
+        runs = measure(args.benchmark, args.launchers, args.scratch or Path(temporary), grid)
     args.out.mkdir(parents=True, exist_ok=True)
     report = render(args.benchmark, runs, info)
     (args.out / f"{args.benchmark}_sweep.md").write_text(report)
