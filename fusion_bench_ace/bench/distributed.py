@@ -208,8 +208,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--settings", help="default: config/bench/distributed.yaml")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (a quick check)")
     parser.add_argument("--out", type=Path, help="default: the settings' out")
+    parser.add_argument("--processes", type=int, nargs="+",
+                        help="numbers of processes, in the order run (default: the settings'); "
+                        "repeat one (1 2 1) to see how much the machine's load moved")
     args = parser.parse_args(argv)
     settings = load_settings(args.settings)
+    if args.processes:
+        settings["processes"] = args.processes
     model = settings["tiny_model" if args.tiny else "model"]
     header = provenance.collect(
         " ".join(["python -m fusion_bench_ace.bench.distributed", *argv]))
