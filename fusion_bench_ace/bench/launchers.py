@@ -74,6 +74,8 @@ def render(benchmark: str, runs: List[dict], info: dict) -> str:
         f"# `compare sweep {benchmark}`: wall time per launcher",
         "",
         *provenance.markdown_lines(info),
+        "- environment: " + (", ".join(f"`{k}={v}`" for k, v in info["environment"].items()
+                                       if k.startswith("FUSION_BENCH_ACE_")) or "none set"),
         "- the machine is shared with other users: the load average (1, 5, 15 min) before and "
         "after each run says how busy it was; every job ran under that contention",
         "",
