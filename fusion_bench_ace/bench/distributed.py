@@ -94,7 +94,8 @@ def file_digests(directory: Path) -> Dict[str, str]:
 
 
 def run_processes(count: int, paths: Dict[str, str], settings: dict, root: Path) -> dict:
-    out, results = root / f"merged_{count}", root / f"ranks_{count}"
+    run = tempfile.mkdtemp(prefix=f"{count}_processes_", dir=root)  # a count may be run again
+    out, results = Path(run) / "merged", Path(run) / "ranks"
     results.mkdir()
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     command = [torchrun, "--standalone", "--nproc-per-node", str(count), "-m",
