@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,12 +63,12 @@ def worker(paths: Dict[str, str], settings: dict, out: str, result_dir: str) -> 
     method = ACEMerging(eps=settings["eps"], tau=settings["tau"], k_frac=settings["k_frac"],
                         exclude_keys=settings["exclude_keys"], diagnostics=False,
                         streaming="true")
-    merge_matrix, matrix_seconds = method._merge_matrix, [0.0]
+    merge_matrix, matrix_times = method._merge_matrix, []
 
     def timed_merge_matrix(task_vectors, name):
         start = time.perf_counter()
         merged = merge_matrix(task_vectors, name)
-        matrix_seconds[0] += time.perf_counter() - start
+        matrix_times.append((list(merged.shape), time.perf_counter() - start))
         return merged
 
     method._merge_matrix = timed_merge_matrix
@@ -80,7 +81,8 @@ def worker(paths: Dict[str, str], settings: dict, out: str, result_dir: str) -> 
     partition = method.partition or {"rank": 0, "world_size": 1, "work_per_rank": None,
                                      "tensors": None}
     record = {**partition, "rank": rank, "merge_seconds": seconds,
-              "ace_matrix_seconds": matrix_seconds[0], "ace_matrices": len(method.layer_info),
+              "ace_matrix_seconds": sum(t for _, t in matrix_times), "matrix_times": matrix_times,
+              "ace_matrices": len(method.layer_info),
               "torch_threads": torch.get_num_threads()}
     Path(result_dir, f"rank_{rank}.json").write_text(json.dumps(record))
 
@@ -192,11 +194,40 @@ def render(report: dict) -> str:
         "`merge s`: the slowest rank's `ACEMerging.merge_to_checkpoint` (reading the experts, the "
         "merge, writing the shards; not the processes' start-up). `ACE math s`: time in ACE's "
         "per-matrix function on that rank. `estimated work`: the multiply-adds the partition "
-        "balanced (d_in² (T d_out + d_in) per ACE matrix, T numel per averaged tensor). "
+        "balanced (T d_out d_in² per ACE matrix, T numel per averaged tensor). "
         "`same bytes`: every file of the checkpoint has the SHA-256 of one process's.",
         "",
+        *_cost_model_lines(result["runs"], settings["tasks"]),
     ]
     return "\n".join(lines)
+
+
+def _cost_model_lines(runs: List[dict], num_tasks: int) -> List[str]:
+    """ACE's time per matrix shape (median over the 1-process runs' matrices) against the
+    partition's estimate: the check of :func:`fusion_bench_ace.distributed.matrix_cost`."""
+    from ..distributed import matrix_cost
+
+    times: Dict[tuple, List[float]] = {}
+    for run in runs:
+        if run["processes"] == 1:
+            for shape, seconds in run["ranks"][0].get("matrix_times", []):
+                times.setdefault(tuple(shape), []).append(seconds)
+    if not times:
+        return []
+    rates = {shape: statistics.median(t) / matrix_cost(shape, num_tasks) * 1e9
+             for shape, t in times.items()}
+    reference = statistics.median(rates.values())
+    lines = ["Time per ACE matrix (1 process; median over its matrices and runs) against the "
+             "estimated work:", "",
+             "| shape (d_out x d_in) | matrices per run | s | estimated Gmul-add | "
+             "s per estimated Gmul-add | relative to the median |", "|---|---|---|---|---|---|"]
+    runs_with_one = sum(1 for run in runs if run["processes"] == 1)
+    for shape in sorted(times, key=lambda s: -matrix_cost(s, num_tasks)):
+        lines.append(f"| {shape[0]} x {shape[1]} | {len(times[shape]) // runs_with_one} | "
+                     f"{statistics.median(times[shape]):.2f} | "
+                     f"{matrix_cost(shape, num_tasks) / 1e9:.1f} | {rates[shape]:.4f} | "
+                     f"{rates[shape] / reference:.2f} |")
+    return [*lines, ""]
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
