@@ -1,6 +1,6 @@
 """``fusion-bench-ace``: the project's entry point.
 
-- ``demo``: build the embedded offline benchmark (both tracks) and compare ACE-Merging with the
+- ``demo``: build the embedded CLIP and GPT-2 tracks and compare ACE-Merging with the
   pretrained model, the individual experts and FusionBench's Task Arithmetic, TIES and TSV-M;
 - ``build`` / ``status``: the embedded benchmark (same as ``python -m fusion_bench_ace.mini``);
 - ``compare``: the comparison runner (same as ``python -m fusion_bench_ace.compare``).
@@ -18,10 +18,12 @@ DEMO_BENCHMARKS = ("mini_clip", "mini_gpt2")
 
 def demo(out: Path, benchmarks) -> int:
     from .compare import run_comparison
+    from .compare.benchmarks import load_benchmark
     from .mini import build
 
     start = time.perf_counter()
-    build()  # both tracks, each only if not built yet
+    tracks = [load_benchmark(b).get("track") for b in benchmarks]
+    build([t for t in tracks if t])  # the benchmarks' tracks, each only if not built yet
     for benchmark in benchmarks:
         run_comparison(
             benchmark, None, out / benchmark, ["run", benchmark, "--out", str(out / benchmark)]

@@ -45,6 +45,11 @@ def reduced_gpt2_env(tmp_path_factory):
     return _reduced_track_env("gpt2", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def reduced_llm_env(tmp_path_factory):
+    return _reduced_track_env("llm", tmp_path_factory)
+
+
 def assert_same_safetensors(first: Path, second: Path, parts) -> None:
     """Each ``<part>/model.safetensors`` holds bit-identical tensors under both roots."""
     import torch

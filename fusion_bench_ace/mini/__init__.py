@@ -1,8 +1,8 @@
-"""The embedded offline benchmark: small CLIP-ViT and GPT-2 pools built from nothing.
+"""The embedded offline benchmark: small CLIP-ViT, GPT-2 and Llama pools built from nothing.
 
-``python -m fusion_bench_ace.mini build`` builds both tracks (idempotent); the FusionBench configs
-``modelpool=ace_mini_clip taskpool=ace_mini_clip`` and ``modelpool=ace_mini_gpt2
-taskpool=ace_mini_gpt2`` then load them through FusionBench's own pool classes from local paths.
+``python -m fusion_bench_ace.mini build`` builds every track (idempotent); the FusionBench configs
+``modelpool=ace_mini_<track> taskpool=ace_mini_<track>`` (``clip``, ``gpt2``, ``llm``) then load
+them through FusionBench's own pool classes from local paths.
 
 Each track is a module exposing ``build(out_dir: Path, settings: dict, progress: bool) -> dict``
 (the dict goes into the manifest). Its numbers (sizes, steps, learning rates, seed) live in
@@ -49,6 +49,8 @@ class Track:
 TRACKS: Dict[str, Track] = {
     "clip": Track("fusion_bench_ace.mini.clip", 2, "CLIP ViT image classification (8 tasks)"),
     "gpt2": Track("fusion_bench_ace.mini.gpt2", 2, "GPT-2 text classification (GLUE-like tasks)"),
+    "llm": Track("fusion_bench_ace.mini.llm", 1,
+                 "Llama causal LM, 3 experts (multilingual, math, coding), greedy exact match"),
 }
 
 

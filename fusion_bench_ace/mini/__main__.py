@@ -78,8 +78,9 @@ def stats(tracks, size, out, command: str) -> int:
     for name in tracks:
         directory = Path(track_path(name, size=size))
         manifest = read_manifest(directory)
+        # a track without real reference ranges (llm) gets its statistics and no verdicts
         result = regime_statistics(load_for_stats(name, size),
-                                   {**regime, "targets": regime["targets"][name]})
+                                   {**regime, "targets": regime["targets"].get(name, {})})
         result["info"] = {"track": name, "directory": str(directory),
                           "content_hash": manifest.get("content_hash"),
                           "settings": settings(name, size)}
