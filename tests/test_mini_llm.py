@@ -204,7 +204,8 @@ def test_ace_llama_merges_and_scores_through_fusion_bench(reduced_llm_env, tmp_p
     with patched_environ(reduced_llm_env):
         root = Path(track_path("llm"))
     pool = CausalLMPool(models={"_pretrained_": str(root / "pretrained"),
-                                **{e: str(root / "experts" / e) for e in EXPERTS}})
+                                **{e: str(root / "experts" / e) for e in EXPERTS}},
+                        tokenizer=str(root / "tokenizer"))
     merged = ACEMerging(exclude_keys=[".*embed_tokens.*", ".*lm_head.*"], average_keys=[],
                         diagnostics=False, streaming="false").run(pool)
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
