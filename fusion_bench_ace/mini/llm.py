@@ -9,21 +9,20 @@
   :mod:`fusion_bench_ace.mini.llm_tasks` (English and two synthetic languages, equations, code):
   the stand-in for a base model such as Llama-3.2-3B;
 - ``experts/<expert>/``: ``multilingual``, ``math`` and ``coding``, each the pretrained model
-  fine-tuned (loss on the answers only, gently: AdamW, small learning rate, weight decay,
-  gradient clipping) on the training split of its tasks, as ACE Table 8's MergeBench experts;
+  fine-tuned whole (loss on the answers only; AdamW, weight decay, gradient clipping) on the
+  training split of its tasks, as ACE Table 8's MergeBench experts;
 - ``data/<task>/{train,validation,test}/``: ``datasets`` with ``prompt`` and ``answer`` columns
   (``save_to_disk``), plus ``.jsonl`` copies to read;
 - ``tasks.json``: each task's description and expert.
 
 The manifest's metrics: exact match (greedy generation, :mod:`fusion_bench_ace.taskpools.
-generation`) of the pretrained model, each expert and their simple average on every test split,
-and the experts' task-vector statistics (‖τ‖/‖θ₀‖ per matrix and whole model, pairwise cosines).
+generation`) of the pretrained model, each expert and their simple average on every test split.
+The task vectors' statistics are ``python -m fusion_bench_ace.mini stats --track llm``'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -77,10 +76,8 @@ def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
             tokenizer.save_pretrained(str(out_dir / "experts" / expert))
 
         metrics = measure(pretrained, experts, tokenizer, splits, settings)
-        metrics["task_vectors"] = task_vector_statistics(pretrained, experts)
     write_task_descriptions(out_dir / "tasks.json", splits)
     say("exact match: " + json.dumps(metrics["summary"]))
-    say("task vectors: " + json.dumps(metrics["task_vectors"]["summary"]))
     return {
         "tasks": list(TASKS),
         "experts": EXPERTS,
@@ -250,45 +247,9 @@ def measure(pretrained: LlamaForCausalLM, experts: Dict[str, LlamaForCausalLM], 
             "summary": {k: round(v, 4) for k, v in summary.items()}}
 
 
-def task_vector_statistics(pretrained: LlamaForCausalLM, experts: Dict[str, LlamaForCausalLM]
-                           ) -> dict:
-    """‖τ‖/‖θ₀‖ per 2-D weight and for the whole model, and pairwise cosines of the task
-    vectors: how far the experts moved (real fine-tuned experts: ~1-3 % per matrix)."""
-    base = {k: v.double() for k, v in pretrained.state_dict().items()}
-    vectors = {n: {k: v.double() - base[k] for k, v in e.state_dict().items()}
-               for n, e in experts.items()}
-    base_norm = math.sqrt(sum(float(v.pow(2).sum()) for v in base.values()))
-    per_expert = {}
-    for name, tv in vectors.items():
-        matrices = {k: float(tv[k].norm() / base[k].norm()) for k in tv if tv[k].dim() == 2}
-        per_expert[name] = {
-            "whole_model": math.sqrt(sum(float(v.pow(2).sum()) for v in tv.values())) / base_norm,
-            "matrix_median": _median(matrices.values()),
-            "matrix_max": max(matrices.values()),
-            "largest": max(matrices, key=matrices.get),
-        }
-    flat = {n: torch.cat([v.reshape(-1) for v in tv.values()]) for n, tv in vectors.items()}
-    names = list(flat)
-    cosines = {f"{a}/{b}": float(flat[a] @ flat[b] / (flat[a].norm() * flat[b].norm()))
-               for i, a in enumerate(names) for b in names[i + 1:]}
-    summary = {
-        "relative_norm_whole_model": {n: round(s["whole_model"], 4) for n, s in per_expert.items()},
-        "relative_norm_matrix_median": {n: round(s["matrix_median"], 4)
-                                        for n, s in per_expert.items()},
-        "cosine_mean": round(_mean(cosines.values()), 4),
-    }
-    return {"per_expert": per_expert, "cosines": cosines, "summary": summary}
-
-
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
-
-
-def _median(values) -> float:
-    values = sorted(values)
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 # --------------------------------------------------------------------------------------------
