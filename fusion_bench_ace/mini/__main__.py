@@ -74,13 +74,20 @@ def stats(tracks, size, out, command: str) -> int:
     from .stats import regime_statistics, write_report
 
     regime = yaml.safe_load((config_dir() / "mini" / "regime.yaml").read_text())
+    if tracks == list(TRACKS):  # "all": the tracks with real reference ranges
+        tracks = [name for name in tracks if name in regime["targets"]]
+    for name in tracks:
+        if name not in regime["targets"]:
+            # llm: no reference ranges, and its pretrained model scores 0 on every task by
+            # construction, which the ratios to zero-shot accuracy cannot take
+            raise SystemExit(f"no regime statistics for track {name!r}: config/mini/regime.yaml "
+                             f"has no reference ranges for it")
     failed = []
     for name in tracks:
         directory = Path(track_path(name, size=size))
         manifest = read_manifest(directory)
-        # a track without real reference ranges (llm) gets its statistics and no verdicts
         result = regime_statistics(load_for_stats(name, size),
-                                   {**regime, "targets": regime["targets"].get(name, {})})
+                                   {**regime, "targets": regime["targets"][name]})
         result["info"] = {"track": name, "directory": str(directory),
                           "content_hash": manifest.get("content_hash"),
                           "settings": settings(name, size)}
