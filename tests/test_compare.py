@@ -15,7 +15,13 @@ from fusion_bench_ace.compare import (
     run_comparison,
     run_sweep,
 )
-from fusion_bench_ace.compare.tables import Row, csv_table, markdown_table, scores_from_report
+from fusion_bench_ace.compare.tables import (
+    Row,
+    csv_table,
+    experts_of_tasks,
+    markdown_table,
+    scores_from_report,
+)
 
 from conftest import patched_environ
 
@@ -274,3 +280,16 @@ def test_tuned_lambda_is_chosen_on_validation_data_only(reduced_gpt2_env, tmp_pa
     assert f"method.scaling_factor={tuning['chosen']}" in command and "_split" not in command
     assert result.row.setting == f"method.scaling_factor={tuning['chosen']}, tuned on validation"
     assert all(v is not None for v in result.row.scores.values())
+
+
+def test_the_individual_row_reads_each_task_off_its_related_expert():
+    """ACE Table 9 style (``normalize: {individual: {task: expert}}``): experts named otherwise
+    than their tasks; without the mapping, expert t is task t's."""
+    report = {"math": {"gsm": {"accuracy": 0.5}, "qa": {"accuracy": 0.1}},
+              "lang": {"qa": {"accuracy": 0.4}, "gsm": {"accuracy": 0.0}}}
+    mapping = {"qa": "lang", "gsm": "math"}
+    assert scores_from_report("individual", report, ["qa", "gsm"], expert_of=mapping) == \
+        {"qa": 40.0, "gsm": 50.0}
+    assert scores_from_report("individual", report, ["qa", "gsm"]) == {"qa": None, "gsm": None}
+    assert experts_of_tasks(load_benchmark("mini_llm"))["word_problems"] == "math"
+    assert experts_of_tasks(load_benchmark("mini_clip")) is None

@@ -42,6 +42,7 @@ from .tables import (
     Row,
     bar_plot,
     csv_table,
+    experts_of_tasks,
     failed_row,
     heatmap,
     markdown_table,
@@ -136,7 +137,7 @@ def normalised_rows(spec: dict, rows: List[Row], individual: Optional[dict], log
     how = spec.get("normalize")
     if not how:
         return []
-    expert_of = how.get(INDIVIDUAL) if isinstance(how, dict) else None
+    expert_of = experts_of_tasks(spec)
     if individual is None:
         log("[compare] normalised scores need the `individual` run; not computed")
         return []

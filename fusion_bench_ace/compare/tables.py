@@ -34,12 +34,15 @@ class Row:
     """``raw``: the metric in percent; ``normalised``: percent of the individual expert's."""
 
 
-def scores_from_report(method: str, report: dict, tasks: Sequence[str], metric: str = "accuracy"
-                       ) -> Dict[str, Optional[float]]:
-    """Per-task ``metric`` in percent; for ``individual`` the diagonal (expert t on task t)."""
+def scores_from_report(method: str, report: dict, tasks: Sequence[str], metric: str = "accuracy",
+                       expert_of: Optional[Dict[str, str]] = None) -> Dict[str, Optional[float]]:
+    """Per-task ``metric`` in percent; for ``individual`` expert ``expert_of[t]`` on task t
+    (default: the diagonal, expert t on task t)."""
+    expert_of = expert_of or {}
     scores = {}
     for task in tasks:
-        entry = report.get(task, {}).get(task) if method == INDIVIDUAL else report.get(task)
+        entry = (report.get(expert_of.get(task, task), {}).get(task) if method == INDIVIDUAL
+                 else report.get(task))
         value = entry.get(metric) if isinstance(entry, dict) else None
         scores[task] = None if value is None else 100.0 * value
     return scores
@@ -60,8 +63,9 @@ def std_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 def measured_row(method: str, report: dict, merge_stats: Optional[dict], tasks: Sequence[str],
-                 metric: str = "accuracy", setting: Optional[str] = None) -> Row:
-    scores = scores_from_report(method, report, tasks, metric)
+                 metric: str = "accuracy", setting: Optional[str] = None,
+                 expert_of: Optional[Dict[str, str]] = None) -> Row:
+    scores = scores_from_report(method, report, tasks, metric, expert_of)
     stats = merge_stats or {}
     return Row(
         name=method, scores=scores, average=mean_or_none([scores[t] for t in tasks]),
@@ -93,6 +97,13 @@ def seeded_row(method: str, reports: Sequence[dict], merge_stats: Sequence[Optio
         peak_rss_mib=largest([run.peak_rss_mib for run in runs]),
         peak_cuda_mib=largest([run.peak_cuda_mib for run in runs]), setting=setting,
     )
+
+
+def experts_of_tasks(spec: dict) -> Optional[Dict[str, str]]:
+    """``normalize: {individual: {task: expert}}`` (ACE Table 9: experts named otherwise than their
+    tasks), else ``None`` (expert t is task t's)."""
+    how = spec.get("normalize")
+    return how.get(INDIVIDUAL) if isinstance(how, dict) else None
 
 
 def reference_scores(individual_report: dict, tasks: Sequence[str], metric: str = "accuracy",

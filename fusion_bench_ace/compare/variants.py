@@ -23,7 +23,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .runs import RunResult, run_fusion_bench, run_method, sweep_jobs
-from .tables import Row, mean_or_none, measured_row, scores_from_report, seeded_row
+from .tables import (
+    Row,
+    experts_of_tasks,
+    mean_or_none,
+    measured_row,
+    scores_from_report,
+    seeded_row,
+)
 
 
 @dataclass
@@ -148,5 +155,6 @@ def run_entry(name: str, spec: dict, log_dir: Path, metric: str = "accuracy") ->
     if not result.ok:
         return VariantResult(name, ok=False, log_dir=log_dir, failed=[log_dir],
                              returncode=result.returncode)
-    row = measured_row(name, result.report, result.merge_stats, spec["tasks"], metric)
+    row = measured_row(name, result.report, result.merge_stats, spec["tasks"], metric,
+                       expert_of=experts_of_tasks(spec))
     return VariantResult(name, ok=True, row=row, report=result.report, log_dir=log_dir)
