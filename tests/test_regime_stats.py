@@ -67,3 +67,23 @@ def test_targets_say_which_fail():
                                                                "relative_norm": [0.007, 0.03]})}
     assert rows["task vector ‖τ_t‖/‖θ₀‖, whole model"]["ok"] is False
     assert rows["task vector ‖τ_t‖/‖θ₀‖, whole model"]["worst"] == pytest.approx(0.02 / 10 ** 0.5)
+
+
+def test_a_pretrained_model_scoring_zero_is_reported_not_divided_by():
+    """Exact match of a base model that never answers in the tasks' format is 0 on every task:
+    the ratios to zero-shot are None (and fail their target), the rest is measured."""
+    pool = linear_pool()
+    evaluate = pool.evaluate
+    pool.evaluate = lambda state, task: max(0.0, (evaluate(state, task) - 0.5) / 0.4)
+    pool.chance = {"a": 0.0, "b": 0.0}
+    stats = regime_statistics(pool, {**SETTINGS, "targets": {**TARGETS,
+                                                            "simple_average_of_expert": [0.4, 1]}},
+                              progress=False)
+    acc = stats["accuracy"]
+    assert acc["zero_shot"] == {"a": 0.0, "b": 0.0}
+    assert acc["expert_on_other_tasks_vs_zero_shot"] == {"a": None, "b": None}
+    assert acc["simple_average_gap_closed"] == pytest.approx(0.5, rel=1e-5)
+    verdict = {row["target"]: row["ok"] for row in stats["targets"]}
+    assert verdict["expert on other tasks / zero-shot"] is False
+    assert verdict["zero-shot minus chance (points)"] is False
+    assert verdict["simple average / expert average"] is True  # 0.5

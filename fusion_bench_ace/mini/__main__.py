@@ -74,12 +74,8 @@ def stats(tracks, size, out, command: str) -> int:
     from .stats import regime_statistics, write_report
 
     regime = yaml.safe_load((config_dir() / "mini" / "regime.yaml").read_text())
-    if tracks == list(TRACKS):  # "all": the tracks with real reference ranges
-        tracks = [name for name in tracks if name in regime["targets"]]
     for name in tracks:
         if name not in regime["targets"]:
-            # llm: no reference ranges, and its pretrained model scores 0 on every task by
-            # construction, which the ratios to zero-shot accuracy cannot take
             raise SystemExit(f"no regime statistics for track {name!r}: config/mini/regime.yaml "
                              f"has no reference ranges for it")
     failed = []

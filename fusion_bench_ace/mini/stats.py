@@ -1,9 +1,9 @@
 """Regime statistics of a built track: is it in the regime real fine-tuned experts live in?
 
-``python -m fusion_bench_ace.mini stats --track clip`` (or ``gpt2``) measures, before any merging
-method is compared on the track, the statistics that decide whether data-free merging *can*
-work there, and compares them with the ranges measured on real checkpoints
-(``config/mini/regime_targets.yaml``):
+``python -m fusion_bench_ace.mini stats --track clip`` (or ``gpt2``, ``llm``) measures, before any
+merging method is compared on the track, the statistics that decide whether data-free merging
+*can* work there, and compares them with the ranges measured on real checkpoints
+(``config/mini/regime.yaml``):
 
 - accuracy: zero-shot (the pretrained model) and experts per task, chance-corrected; each expert
   on the *other* tasks relative to zero-shot;
@@ -15,7 +15,7 @@ work there, and compares them with the ranges measured on real checkpoints
   a Gaussian matrix of the same shape.
 
 A track module provides ``load_for_stats(directory) -> TrackModels``; everything here works on
-state dicts and an ``evaluate(state, task)`` callable, so it knows nothing about CLIP or GPT-2.
+state dicts and an ``evaluate(state, task)`` callable, so it knows no model.
 """
 
 from __future__ import annotations
@@ -182,13 +182,15 @@ def summarize(models: TrackModels, table: Dict[str, Dict[str, float]], alphas: d
         return sum(row[t] for t in tasks) / len(tasks)
 
     def closure(row):
-        return (avg(row) - avg(zero_shot)) / (avg(expert) - avg(zero_shot))
+        gap = avg(expert) - avg(zero_shot)
+        return (avg(row) - avg(zero_shot)) / gap if gap else None
 
     others = {}
     for t in tasks:
         rest = [s for s in tasks if s != t]
-        others[t] = (sum(table[f"expert/{t}"][s] for s in rest)
-                     / sum(zero_shot[s] for s in rest))
+        base = sum(zero_shot[s] for s in rest)
+        # None where zero-shot scores 0 on every other task: nothing to keep, no ratio
+        others[t] = sum(table[f"expert/{t}"][s] for s in rest) / base if base else None
     single_kept = {t: (table[f"single/{t}"][t] - zero_shot[t]) / (expert[t] - zero_shot[t])
                    if expert[t] != zero_shot[t] else None for t in tasks}
     return {
@@ -275,8 +277,10 @@ def check_targets(stats: dict, targets: dict) -> List[dict]:
     return rows
 
 
-def _ratio(acc: dict, row: str) -> float:
+def _ratio(acc: dict, row: str) -> Optional[float]:
     tasks = list(acc["expert"])
+    if not acc["expert_average"]:
+        return None
     return (sum(acc[row][t] for t in tasks) / len(tasks)) / acc["expert_average"]
 
 
