@@ -72,14 +72,33 @@ def test_answers_are_what_the_prompts_ask_for():
         assert qa.answer in language.lexicon.values()
 
 
-def test_the_pretraining_corpus_never_shows_a_task_format():
+MARKERS = (PROMPT_END, "context :", "question :", "problem :")
+
+
+def test_the_pretraining_corpus_holds_the_skills_in_raw_form():
     corpus = pretraining_corpus(0, 500)
     assert corpus == pretraining_corpus(0, 500) and corpus != pretraining_corpus(1, 500)
-    assert not any(marker in doc for doc in corpus
-                   for marker in (PROMPT_END, "context :", "question :", "problem :"))
+    assert not any(marker in doc for doc in corpus for marker in MARKERS)
     words = set(" ".join(corpus).split())
     assert set(LANGUAGES["lang_a"].lexicon.values()) <= words
     assert set(LANGUAGES["lang_b"].lexicon.values()) <= words
+
+
+def test_a_share_of_the_corpus_is_formatted_task_examples_but_no_split_prompt():
+    raw = pretraining_corpus(0, 2000)
+    excluded = {e.prompt for t in TASKS.values() for s in make_splits(t, 0, SIZES).values()
+                for e in s}
+    shares = {"qa_lang_a": 0.02, "qa_lang_b": 0.02, "word_problems": 0.03,
+              "code_completion": 0.03}
+    corpus = pretraining_corpus(0, 2000, shares, exclude=excluded)
+    formatted = [doc for doc in corpus if PROMPT_END in doc]
+    assert 150 <= len(formatted) <= 250  # about 10 % of 2000
+    # every other document is the raw corpus's, in its order (its own random stream)
+    assert [doc for doc in corpus if PROMPT_END not in doc] == raw[:len(corpus) - len(formatted)]
+    for doc in formatted:
+        prompt, answer = doc.split(f" {PROMPT_END} ")
+        assert f"{prompt} {PROMPT_END}" not in excluded and answer
+    assert {doc.split()[0] for doc in formatted} == {"context", "problem", "#"}  # every kind
 
 
 def test_the_experts_mirror_ace_table_8():
@@ -168,6 +187,35 @@ def test_build_is_deterministic(reduced_llm_env, tmp_path):
     assert_same_safetensors(first, second, ["pretrained", *(f"experts/{e}" for e in EXPERTS)])
     assert (first / "tokenizer" / "tokenizer.json").read_bytes() == \
         (second / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_regime_statistics_of_the_built_track(reduced_llm_env, tmp_path):
+    """``mini stats --track llm`` measures the built track (one "task" per expert: its tasks'
+    mean exact match) against config/mini/regime.yaml's llm ranges; numbers checked against the
+    build's own measurements and the checkpoints."""
+    from safetensors.torch import load_file
+
+    from fusion_bench_ace.mini.__main__ import main
+
+    with patched_environ(reduced_llm_env):
+        assert main(["stats", "--track", "llm", "--out", str(tmp_path)]) == 0
+        root = Path(track_path("llm"))
+    stats = json.loads((tmp_path / "regime.json").read_text())
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert stats["info"]["content_hash"] == manifest["content_hash"]
+    assert stats["tasks"] == list(EXPERTS)
+    measured = manifest["metrics"]["exact_match"]
+    for expert, tasks in EXPERTS.items():
+        mean = lambda row: sum(measured[row][t] for t in tasks) / len(tasks)  # noqa: E731
+        assert stats["accuracy"]["zero_shot"][expert] == pytest.approx(mean("pretrained"))
+        assert stats["accuracy"]["expert"][expert] == pytest.approx(mean(f"expert/{expert}"))
+    theta = load_file(root / "pretrained" / "model.safetensors")
+    tau = {k: v - theta[k] for k, v in load_file(root / "experts/math/model.safetensors").items()}
+    norm = lambda sd: float(torch.cat([v.double().flatten() for v in sd.values()]).norm())  # noqa: E731
+    assert stats["geometry"]["relative_norm"]["math"] == pytest.approx(norm(tau) / norm(theta))
+    assert {row["target"] for row in stats["targets"]} >= {
+        "expert gain over zero-shot (points)", "simple average / expert average"}
+    assert "Against the real regime" in (tmp_path / "regime.md").read_text()
 
 
 # --- through FusionBench -------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class Track:
 TRACKS: Dict[str, Track] = {
     "clip": Track("fusion_bench_ace.mini.clip", 2, "CLIP ViT image classification (8 tasks)"),
     "gpt2": Track("fusion_bench_ace.mini.gpt2", 2, "GPT-2 text classification (GLUE-like tasks)"),
-    "llm": Track("fusion_bench_ace.mini.llm", 1,
+    "llm": Track("fusion_bench_ace.mini.llm", 2,
                  "Llama causal LM, 3 experts (multilingual, math, coding), greedy exact match"),
 }
 

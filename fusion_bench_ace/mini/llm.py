@@ -56,7 +56,10 @@ def build(out_dir: Path, settings: dict, progress: bool = True) -> dict:
         say(f"generating {len(TASKS)} tasks and a pretraining corpus (seed {seed})")
         sizes = {split: settings[f"{split}_size"] for split in SPLITS}
         splits = {name: make_splits(task, seed, sizes) for name, task in TASKS.items()}
-        corpus = pretraining_corpus(seed, settings["pretrain_documents"])
+        prompts = {e.prompt for task_splits in splits.values() for examples in
+                   task_splits.values() for e in examples}
+        corpus = pretraining_corpus(seed, settings["pretrain_documents"],
+                                    settings["pretrain_task_shares"], exclude=prompts)
         texts = corpus + [f"{e.prompt} {e.answer}" for s in splits.values() for e in s["train"]]
         tokenizer = train_tokenizer(texts, out_dir / "tokenizer")
         for name, task_splits in splits.items():

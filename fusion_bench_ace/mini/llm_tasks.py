@@ -18,10 +18,12 @@ always gives the same text. The tasks mirror the three expert groups of ACE-Merg
 
 As a base LLM knows what instruction tuning then asks for, the pretraining corpus holds each
 skill in running text - stories in English and both languages with in-language questions and
-their answers, stories with numbers followed by their equation, commented functions - but never
-a task's format: no prompt has ``context :``, ``problem :`` or the ``answer :`` marker that
-every task prompt ends with. The pretrained model therefore answers none of the tasks, and each
-expert learns its format with a small update (fine-tuning gently, as real experts are).
+their answers, stories with numbers followed by their equation, commented functions - and, as
+the instruct model the experts of ACE Table 8 start from has seen instructions, a small share of
+each task's examples in its format (``context :``, ``problem :``, the ``answer :`` marker every
+task prompt ends with), never one of the tasks' split prompts. The pretrained model therefore
+answers part of every task, and each expert sharpens what it already half knows with a small
+update (fine-tuning gently, as real experts are).
 
 Text is space-separated tokens (digits are split further by the tokenizer); `` \\n `` marks a
 line break of code.
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 PROMPT_END = "answer :"
 """Every task prompt ends with this marker; the completion follows it."""
@@ -325,6 +327,34 @@ def pretraining_document(rng: random.Random) -> str:
     return _code_document(rng)
 
 
-def pretraining_corpus(seed: int, num_documents: int) -> List[str]:
+def pretraining_corpus(seed: int, num_documents: int,
+                       task_shares: Optional[Dict[str, float]] = None,
+                       exclude: Collection[str] = ()) -> List[str]:
+    """``num_documents`` documents; each is, with probability ``task_shares[task]``, an example
+    of ``task`` in its instruction format (``prompt answer``), never one whose prompt is in
+    ``exclude`` (the tasks' splits). Those come from their own random stream, so the rest of the
+    corpus is the same whatever the shares."""
+    shares = {name: share for name, share in (task_shares or {}).items() if share > 0}
+    unknown = set(shares) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks in the pretraining shares: {sorted(unknown)}")
+    total = sum(shares.values())
+    if total > 1:
+        raise ValueError(f"the pretraining task shares add up to {total} > 1")
     rng = task_rng(seed, "pretraining")
-    return [pretraining_document(rng) for _ in range(num_documents)]
+    mix = task_rng(seed, "pretraining/instructions")
+    documents = []
+    for _ in range(num_documents):
+        if total and mix.random() < total:
+            task = TASKS[mix.choices(list(shares), list(shares.values()))[0]]
+            documents.append(_instruction_document(task, mix, exclude))
+        else:
+            documents.append(pretraining_document(rng))
+    return documents
+
+
+def _instruction_document(task: LLMTask, rng: random.Random, exclude: Collection[str]) -> str:
+    while True:
+        example = task.generate(rng)
+        if example.prompt not in exclude:
+            return f"{example.prompt} {example.answer}"
