@@ -101,6 +101,13 @@ def test_a_share_of_the_corpus_is_formatted_task_examples_but_no_split_prompt():
     assert {doc.split()[0] for doc in formatted} == {"context", "problem", "#"}  # every kind
 
 
+@pytest.mark.parametrize("shares", [{"qa_lang_c": 0.1}, {"qa_lang_a": -0.1},
+                                    {"qa_lang_a": 0.6, "word_problems": 0.6}])
+def test_bad_pretraining_shares_are_refused(shares):
+    with pytest.raises(ValueError, match="shares"):
+        pretraining_corpus(0, 10, shares)
+
+
 def test_the_experts_mirror_ace_table_8():
     assert EXPERTS == {"multilingual": ["qa_lang_a", "qa_lang_b"], "math": ["word_problems"],
                        "coding": ["code_completion"]}

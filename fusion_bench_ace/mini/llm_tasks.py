@@ -334,10 +334,13 @@ def pretraining_corpus(seed: int, num_documents: int,
     of ``task`` in its instruction format (``prompt answer``), never one whose prompt is in
     ``exclude`` (the tasks' splits). Those come from their own random stream, so the rest of the
     corpus is the same whatever the shares."""
-    shares = {name: share for name, share in (task_shares or {}).items() if share > 0}
-    unknown = set(shares) - set(TASKS)
+    task_shares = dict(task_shares or {})
+    unknown = set(task_shares) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks in the pretraining shares: {sorted(unknown)}")
+    if any(not 0 <= share <= 1 for share in task_shares.values()):
+        raise ValueError(f"pretraining task shares must lie in [0, 1]: {task_shares}")
+    shares = {name: share for name, share in task_shares.items() if share > 0}
     total = sum(shares.values())
     if total > 1:
         raise ValueError(f"the pretraining task shares add up to {total} > 1")
