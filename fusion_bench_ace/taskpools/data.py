@@ -1,4 +1,5 @@
-"""Dataset loaders our paper configs call through ``_target_``: hub ids or local copies alike.
+"""Dataset loaders our paper configs call through ``_target_`` (hub ids or local copies alike), and
+the task pools' tokenizer loader.
 
 Every dataset id in ``config/taskpool/ace_paper/`` goes through ``${ace_hf:<owner>/<name>}``, so
 with ``FUSION_BENCH_ACE_HF_ROOT`` set the loader receives a local directory instead of the id. A
@@ -21,9 +22,21 @@ task pools' ``_validation`` key switches every task at once (see ``config/compar
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
+
+
+def load_tokenizer(spec: Any):
+    """A task pool's ``tokenizer:``: a name or path for ``AutoTokenizer.from_pretrained``, or a
+    config to instantiate (e.g. FusionBench's ``load_gpt2_tokenizer``)."""
+    if isinstance(spec, str):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec)
+    from fusion_bench.utils import instantiate
+
+    return instantiate(spec)
 
 
 def is_saved_to_disk(path: str) -> bool:

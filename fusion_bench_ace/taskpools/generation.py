@@ -22,6 +22,8 @@ from fusion_bench.taskpool import BaseTaskPool
 from fusion_bench.utils import instantiate
 from omegaconf import DictConfig
 
+from .data import load_tokenizer
+
 log = logging.getLogger(__name__)
 
 
@@ -110,12 +112,7 @@ class GreedyExactMatchTaskPool(BaseTaskPool, LightningFabricMixin):
     @property
     def tokenizer(self):
         if self._tokenizer_instance is None:
-            if isinstance(self._tokenizer, str):
-                from transformers import AutoTokenizer
-
-                self._tokenizer_instance = AutoTokenizer.from_pretrained(self._tokenizer)
-            else:
-                self._tokenizer_instance = instantiate(self._tokenizer)
+            self._tokenizer_instance = load_tokenizer(self._tokenizer)
         return self._tokenizer_instance
 
     def dataset(self, name: str):

@@ -43,7 +43,7 @@ from fusion_bench.taskpool import BaseTaskPool
 from fusion_bench.utils import instantiate
 from omegaconf import DictConfig
 
-from .data import load_hf_dataset
+from .data import load_hf_dataset, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,7 @@ class GLUESequenceClassificationTaskPool(BaseTaskPool, LightningFabricMixin):
     @property
     def tokenizer(self):
         if self._tokenizer_instance is None:
-            if isinstance(self._tokenizer, str):
-                from transformers import AutoTokenizer
-
-                self._tokenizer_instance = AutoTokenizer.from_pretrained(self._tokenizer)
-            else:
-                self._tokenizer_instance = instantiate(self._tokenizer)
+            self._tokenizer_instance = load_tokenizer(self._tokenizer)
         return self._tokenizer_instance
 
     # which checkpoint carries task `name`'s head
