@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 # name -> module holding it
 _LAZY = {
-    "ace_merge_layer": "fusion_bench_ace.ace",
-    "ace_merge_layer_with_info": "fusion_bench_ace.ace",
-    "heterogeneity": "fusion_bench_ace.ace",
+    "ace_merge_layer": "fusion_bench_ace.methods.ace",
+    "ace_merge_layer_with_info": "fusion_bench_ace.methods.ace",
+    "heterogeneity": "fusion_bench_ace.methods.ace",
     "ACEMerging": "fusion_bench_ace.algorithms.ace",
     "TaskArithmeticNANAlgorithm": "fusion_bench_ace.algorithms.nan",
     "TiesMergingNANAlgorithm": "fusion_bench_ace.algorithms.nan",

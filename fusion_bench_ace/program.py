@@ -33,8 +33,8 @@ from fusion_bench.programs import FabricModelFusionProgram
 from fusion_bench.utils import timeit_context
 
 from . import provenance
-from .checkpoint import staged_path
-from .distributed import world_from_env
+from .atomic import staged_path
+from .engine.distributed import world_from_env
 
 log = logging.getLogger(__name__)
 

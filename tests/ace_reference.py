@@ -1,10 +1,10 @@
 """A deliberately naive float64 ACE-Merging, written from the paper's equations.
 
-Independent of ``fusion_bench_ace.ace``: Python loops, explicit per-task matrices, the explicit
-inverse of the full system matrix (Eq. 14 as printed), the residual of Eq. 17 with the uncentred
-task vectors, the SVD refinement of Eqs. 18-19. It carries the same documented edge-case choices
-(zero task vectors left out, single-row weights averaged, k = 0 skips the refinement, tasks with
-no centred energy left out of the heterogeneous system), so it can be compared everywhere.
+Independent of ``fusion_bench_ace.methods.ace``: Python loops, explicit per-task matrices, the
+explicit inverse of the full system matrix (Eq. 14 as printed), the residual of Eq. 17 with the
+uncentred task vectors, the SVD refinement of Eqs. 18-19. It carries the same documented edge-case
+choices (zero task vectors left out, single-row weights averaged, k = 0 skips the refinement, tasks
+with no centred energy left out of the heterogeneous system), so it can be compared everywhere.
 
 The options beyond the paper (``docs/ace_scale_free.md``) are written from their definitions:
 ``eps_mode="relative"`` sets ``ε = eps_rel · mean_t tr(W̃_tᵀ W̃_t) / d_in`` over the tasks in the

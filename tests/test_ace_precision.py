@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-import fusion_bench_ace.ace as ace
-from fusion_bench_ace.ace import ace_merge_layer_with_info
+import fusion_bench_ace.methods.ace as ace
+from fusion_bench_ace.methods.ace import ace_merge_layer_with_info
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from test_ace_fuzz import task_vector_of_kind
 from test_ace_math import CASES, HETEROGENEOUS, make_task_vectors, rel_diff
 
 from fusion_bench_ace import ACEMerging, ace_merge_layer, ace_merge_layer_with_info, heterogeneity
-from fusion_bench_ace.ace import ace_merge_layer_stream, check_ace_hyperparameters
+from fusion_bench_ace.methods.ace import ace_merge_layer_stream, check_ace_hyperparameters
 
 from ace_reference import naive_ace, naive_gamma
 

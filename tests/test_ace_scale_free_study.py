@@ -1,4 +1,4 @@
-"""The analysis of issue 18's experiment (fusion_bench_ace.compare.ace_scale_free) on made-up
+"""The analysis of issue 18's experiment (fusion_bench_ace.studies.ace_scale_free) on made-up
 sweep outputs laid out as ``compare sweep`` writes them."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fusion_bench_ace.compare import load_benchmark
-from fusion_bench_ace.compare.ace_scale_free import analyse, layer_statistics, load_runs, main
+from fusion_bench_ace.studies.ace_scale_free import analyse, layer_statistics, load_runs, main
 
 LAYERS = ["a.weight", "b.weight", "c.weight"]
 GRAM_EIGENVALUE = {"a.weight": 1e-4, "b.weight": 2e-3, "c.weight": 5e-3}  # s̄ / d_in per layer

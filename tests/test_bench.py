@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from fusion_bench_ace.ace import ace_merge_layer_with_info
 from fusion_bench_ace.bench import main
 from fusion_bench_ace.bench.layers import _floor
 from fusion_bench_ace.bench.reference import reference_ace_layer, reference_ace_merge
+from fusion_bench_ace.methods.ace import ace_merge_layer_with_info
 
 from ace_reference import naive_ace
 
@@ -70,7 +70,7 @@ def test_bench_end_to_end_tiny(tmp_path):
 
 
 def test_lazy_read_workers_read_every_parameter(tmp_path):
-    from fusion_bench_ace.bench import lazy
+    from fusion_bench_ace.studies import lazy_read as lazy
 
     spec = {"tasks": [2], "n_embd": 16, "n_layer": 1, "vocab_size": 64, "n_positions": 16}
     lazy.write_memory_pool(tmp_path, 2, spec, seed=0)

@@ -7,8 +7,8 @@ from fusion_bench import BaseModelPool
 from torch import nn
 
 from fusion_bench_ace import ACEMerging
-from fusion_bench_ace.ace import ace_merge_layer_with_info
 from fusion_bench_ace.compare.__main__ import main as compare_main
+from fusion_bench_ace.methods.ace import ace_merge_layer_with_info
 
 
 def test_spectra_are_recorded_for_the_chosen_layers_and_plotted(tmp_path):

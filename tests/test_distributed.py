@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 from tiny_llama import build_tiny_llama_pool
 
 from fusion_bench_ace import ACEMerging
-from fusion_bench_ace.checkpoint import ShardedSafetensorsWriter, TensorSpec
-from fusion_bench_ace.distributed import (
+from fusion_bench_ace.engine.distributed import (
     balanced_owners,
     matrix_cost,
     parameter_cost,
@@ -22,6 +21,7 @@ from fusion_bench_ace.distributed import (
     work_per_rank,
     world_from_env,
 )
+from fusion_bench_ace.engine.io.writer import ShardedSafetensorsWriter, TensorSpec
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
@@ -142,7 +142,7 @@ def test_torchrun_with_two_gloo_processes_writes_the_one_process_checkpoint(tiny
 
 FAILING_RANK = """
 import torch
-from fusion_bench_ace.distributed import Ranks
+from fusion_bench_ace.engine.distributed import Ranks
 
 ranks = Ranks.join(torch.device("cpu"))
 assert ranks.broadcast(ranks.rank + 7) == 7

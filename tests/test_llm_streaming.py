@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_bench_ace import ACEMerging
 from fusion_bench_ace.algorithms.nan import TaskArithmeticNANAlgorithm, TiesMergingNANAlgorithm
-from fusion_bench_ace.checkpoint import ShardedSafetensorsWriter, TensorSpec, parse_size
+from fusion_bench_ace.engine.io.writer import ShardedSafetensorsWriter, TensorSpec, parse_size
 
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
 LLM_EXCLUDES = [".*embed_tokens.*", ".*lm_head.*"]
@@ -239,7 +239,7 @@ def test_a_killed_write_leaves_no_config(bf16_pool, tmp_path, monkeypatch):
 
     monkeypatch.setattr(adapter, "write_model_files", lambda *a: (_ for _ in ()).throw(
         SystemExit("killed")))
-    monkeypatch.setattr("fusion_bench_ace.checkpoint._remove", lambda path: None)
+    monkeypatch.setattr("fusion_bench_ace.atomic._remove", lambda path: None)
     with pytest.raises(SystemExit):
         ace().merge_to_checkpoint(causal_lm_pool(bf16_pool), tmp_path / "merged")
     (staging,) = tmp_path.iterdir()
@@ -313,8 +313,9 @@ def test_fusion_bench_streams_the_merge_to_disk_without_a_task_pool(bf16_pool, t
 
 
 def test_the_checkpoint_io_imports_neither_fusion_bench_nor_transformers():
-    code = ("import json, sys; import fusion_bench_ace.checkpoint, fusion_bench_ace.streaming, "
-            "fusion_bench_ace.merging; print(json.dumps(sorted(sys.modules)))")
+    code = ("import json, sys; import fusion_bench_ace.engine.io.writer, "
+            "fusion_bench_ace.engine.io.reader, fusion_bench_ace.engine.driver; "
+            "print(json.dumps(sorted(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusion_bench_ace.merging import (
+from fusion_bench_ace.engine.driver import (
     distinct_storage_names,
     merge_in_place,
     merged_tensors,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fusion_bench_ace.algorithms.nan import TaskArithmeticNANAlgorithm, TiesMergingNANAlgorithm
-from fusion_bench_ace.nan import (
+from fusion_bench_ace.methods.nan import (
     check_nan_options,
     compute_nan_coefficients,
     model_norms,

@@ -49,6 +49,9 @@ def test_wheel_layout(wheel_install):
     ).is_file()
     # hydra_plugins is a namespace package shared with other plugins
     assert not (wheel_install / "hydra_plugins" / "__init__.py").exists()
+    # one-off studies stay in the source checkout
+    assert (wheel_install / "fusion_bench_ace" / "engine" / "io" / "writer.py").is_file()
+    assert not (wheel_install / "fusion_bench_ace" / "studies").exists()
 
 
 def test_wheel_configs_are_on_the_search_path(wheel_install, tmp_path):

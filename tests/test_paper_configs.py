@@ -313,12 +313,12 @@ def test_every_hub_id_resolves_to_its_local_copy(composed):
 
 
 def test_without_a_local_copy_the_hub_id_is_kept(tmp_path):
-    from hydra_plugins.fusion_bench_ace_searchpath import _hf_repo
+    from fusion_bench_ace.resolvers import hf_repo
 
     with patched_environ({"FUSION_BENCH_ACE_HF_ROOT": str(tmp_path)}):
-        assert _hf_repo("nyu-mll/glue") == "nyu-mll/glue"
+        assert hf_repo("nyu-mll/glue") == "nyu-mll/glue"
         (tmp_path / "nyu-mll" / "glue").mkdir(parents=True)
-        assert _hf_repo("nyu-mll/glue") == str(tmp_path / "nyu-mll" / "glue")
+        assert hf_repo("nyu-mll/glue") == str(tmp_path / "nyu-mll" / "glue")
 
 
 # --- (b) our GLUE pieces on the RoBERTa / GPT-2 stand-ins ----------------------------------------

@@ -10,8 +10,8 @@ from torch import nn
 
 from fusion_bench_ace import ACEMerging
 from fusion_bench_ace.algorithms.nan import TaskArithmeticNANAlgorithm, TiesMergingNANAlgorithm
-from fusion_bench_ace.merging import plan_parameters
-from fusion_bench_ace.selection import NamePatterns
+from fusion_bench_ace.engine.driver import plan_parameters
+from fusion_bench_ace.engine.selection import NamePatterns
 
 STATE = {
     "h.0.attn.weight": torch.zeros(4, 4),

@@ -11,8 +11,8 @@ from transformers import GPT2Config, GPT2Model
 
 from fusion_bench_ace import ACEMerging
 from fusion_bench_ace.algorithms.common import load_pool_experts
-from fusion_bench_ace.merging import stacked_task_vectors
-from fusion_bench_ace.streaming import (
+from fusion_bench_ace.engine.driver import stacked_task_vectors
+from fusion_bench_ace.engine.io.reader import (
     SafetensorsStateDict,
     match_keys,
     open_expert,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion_bench_ace.symerge import (
+from fusion_bench_ace.methods.symerge import (
     TaskHead,
     confidence_filter,
     effective_coefficients,

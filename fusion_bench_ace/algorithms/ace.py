@@ -1,7 +1,7 @@
 """ACE-Merging as a FusionBench algorithm: ``fusion_bench method=ace modelpool=... taskpool=...``.
 
 A thin adapter: load the pool, plan which parameters are merged how, hand every 2-D weight to
-:func:`fusion_bench_ace.ace.ace_merge_layer_with_info` through the streaming driver, return
+:func:`fusion_bench_ace.methods.ace.ace_merge_layer_with_info` through the streaming driver, return
 ``pretrained + scaling_factor * merged task vector``.
 """
 
@@ -18,17 +18,18 @@ from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
-from ..ace import ace_merge_layer_with_info, check_ace_hyperparameters
-from ..checkpoint import DEFAULT_MAX_SHARD_SIZE, staged_path
-from ..distributed import Ranks, balanced_owners, plan_costs, work_per_rank
-from ..merging import (
+from ..atomic import staged_path
+from ..engine.distributed import Ranks, balanced_owners, plan_costs, work_per_rank
+from ..engine.driver import (
     check_experts_match,
     create_checkpoint_files,
     merge_in_place,
     plan_parameters,
     write_merged_checkpoint,
 )
-from ..selection import NamePatterns
+from ..engine.io.writer import DEFAULT_MAX_SHARD_SIZE
+from ..engine.selection import NamePatterns
+from ..methods.ace import ace_merge_layer_with_info, check_ace_hyperparameters
 from .common import (
     conv1d_weight_names,
     layer_progress,
@@ -62,7 +63,7 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         scaling_factor: multiplies the merged task vector before it is added to the pretrained
             weights (the authors use 1.0).
         exclude_keys: regexes of parameters kept at their pretrained value (every name option
-            selects as :mod:`fusion_bench_ace.selection` says: ``re.match``).
+            selects as :mod:`fusion_bench_ace.engine.selection` says: ``re.match``).
         average_keys: regexes of 2-D parameters merged by averaging instead of ACE (the authors
             average ``text_projection``).
         transpose_conv1d: GPT-2 stores its Conv1D weights as ``d_in x d_out``. ``False`` (default)
@@ -75,7 +76,7 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
             checkpoints when every expert is one (peak memory about one model plus one layer's
             task vectors, whatever the number of experts), else loads them as models; ``true``
             requires streaming, ``false`` always loads the experts as models. Same result bit for
-            bit either way (:mod:`fusion_bench_ace.streaming`).
+            bit either way (:mod:`fusion_bench_ace.engine.io.reader`).
         spectrum_keys: regexes of 2-D parameters whose singular values of ``W_pre`` and of the
             final merged task vector are added to the diagnostics (the paper's Fig. 2); plot
             them with ``python -m fusion_bench_ace.compare diagnostics <ace_diagnostics.json>``.
@@ -114,7 +115,7 @@ class ACEMerging(SimpleProfilerMixin, BaseAlgorithm):
         self.layer_info: List[dict] = []
         self.partition: Optional[dict] = None
         """Under torchrun: this rank's share of :meth:`merge_to_checkpoint` and every rank's
-        estimated work (:mod:`fusion_bench_ace.distributed`)."""
+        estimated work (:mod:`fusion_bench_ace.engine.distributed`)."""
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool) -> nn.Module:

@@ -15,10 +15,10 @@ from fusion_bench import BaseModelPool
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import TensorSpec
-from ..merging import check_experts_match
-from ..selection import NamePatterns
-from ..streaming import SafetensorsStateDict, open_checkpoint, open_expert, safetensors_files
+from ..engine.driver import check_experts_match
+from ..engine.io.reader import SafetensorsStateDict, open_checkpoint, open_expert, safetensors_files
+from ..engine.io.writer import TensorSpec
+from ..engine.selection import NamePatterns
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def load_pool_state_dicts(
 ) -> Tuple[nn.Module, Dict[str, Dict[str, Tensor]]]:
     """The pool's pretrained model and each expert's state dict, checked against each other.
 
-    ``keep_pretrained``: the patterns (:mod:`fusion_bench_ace.selection`) of the parameters the
-    method keeps at their pretrained value; the experts' copies of those are not compared (they
+    ``keep_pretrained``: the patterns (:mod:`fusion_bench_ace.engine.selection`) of the parameters
+    the method keeps at their pretrained value; the experts' copies of those are not compared (they
     may be missing or have another shape).
     """
     if not modelpool.has_pretrained:
@@ -111,8 +111,8 @@ def load_pool_experts(
 
     ``streaming``: ``false`` loads every expert as a model (:func:`load_pool_state_dicts`);
     ``true`` reads every expert lazily from its safetensors checkpoint
-    (:class:`fusion_bench_ace.streaming.SafetensorsStateDict`: one tensor at a time, so the merge
-    holds about one model whatever the number of experts) and raises if one cannot be;
+    (:class:`fusion_bench_ace.engine.io.reader.SafetensorsStateDict`: one tensor at a time, so the
+    merge holds about one model whatever the number of experts) and raises if one cannot be;
     ``auto`` streams when every expert can be, else loads in memory. ``keep_pretrained``: as
     for :func:`load_pool_state_dicts`. Returns ``(pretrained model, experts, streamed)``.
     """

@@ -3,7 +3,7 @@
     fusion_bench method=task_arithmetic_nan modelpool=... taskpool=...
     fusion_bench method=ties_merging_nan modelpool=... taskpool=...
 
-Thin adapters: the coefficients ``α`` come from :mod:`fusion_bench_ace.nan`; the merges are
+Thin adapters: the coefficients ``α`` come from :mod:`fusion_bench_ace.methods.nan`; the merges are
 FusionBench's own functions with ``α`` in place of the uniform weighting (``docs/nan.md``). These
 classes are ``BaseAlgorithm`` subclasses of their own, not subclasses of FusionBench's
 ``TaskArithmeticAlgorithm`` / ``TiesMergingAlgorithm``:
@@ -23,7 +23,7 @@ classes are ``BaseAlgorithm`` subclasses of their own, not subclasses of FusionB
   ``α_i τ_i`` at the input of TIES" implies.
 
 Both merge only floating-point tensors that ``remove_keys`` does not select (regexes, matched as
-every name option of the plugin is: :mod:`fusion_bench_ace.selection`; an exact name selects
+every name option of the plugin is: :mod:`fusion_bench_ace.engine.selection`; an exact name selects
 itself, as in FusionBench's TIES); the others keep their pretrained value and are left out of the
 norms.
 (FusionBench's TIES drops ``remove_keys`` from the merged state dict and then fails to load it
@@ -50,14 +50,14 @@ from fusion_bench.utils.state_dict_arithmetic import (
 )
 from torch import Tensor, nn
 
-from ..nan import (
+from ..engine.selection import NamePatterns
+from ..methods.nan import (
     DEFAULT_EPS,
     NANCoefficients,
     check_nan_options,
     compute_nan_coefficients,
     resolve_global_scale,
 )
-from ..selection import NamePatterns
 from .common import load_pool_state_dicts, write_json_beside_report
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class TaskArithmeticNANAlgorithm(_NANPlugin, SimpleProfilerMixin, BaseAlgorithm)
             ``"m_half"``.
         eps: added to every norm before its reciprocal.
         remove_keys: regexes of tensors kept at their pretrained value and left out of the norms
-            (selected as :mod:`fusion_bench_ace.selection` says: ``re.match``; an exact name
+            (selected as :mod:`fusion_bench_ace.engine.selection` says: ``re.match``; an exact name
             selects itself).
     """
 

@@ -14,9 +14,9 @@ labels never read), as FusionBench's AdaMerging does. Built from FusionBench's o
 - Lightning Fabric (``LightningFabricMixin``) places modules and data and runs ``backward``, so
   ``fabric.precision=16-mixed`` gives the paper's fp16 autocast with a gradient scaler.
 
-What SyMerge adds (the math is in :mod:`fusion_bench_ace.symerge`): one trainable copy of each
-expert's classification head (the task-specific layer), optimised jointly with the coefficients by
-Adam on the expert-guided self-labelling loss, one task per step, tasks shuffled every round.
+What SyMerge adds (the math is in :mod:`fusion_bench_ace.methods.symerge`): one trainable copy of
+each expert's classification head (the task-specific layer), optimised jointly with the coefficients
+by Adam on the expert-guided self-labelling loss, one task per step, tasks shuffled every round.
 
 The result is a :class:`SyMergeCLIPVisionModel`: the merged ``CLIPVisionModel`` plus the trained
 heads. FusionBench's ``CLIPVisionModelTaskPool`` evaluates it task by task through the per-task
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPVisionModel
 
-from ..symerge import (
+from ..methods.symerge import (
     LOSSES,
     TaskHead,
     effective_coefficients,

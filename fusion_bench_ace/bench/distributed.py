@@ -204,8 +204,8 @@ def render(report: dict) -> str:
 
 def _cost_model_lines(runs: List[dict], num_tasks: int) -> List[str]:
     """ACE's time per matrix shape (median over the 1-process runs' matrices) against the
-    partition's estimate: the check of :func:`fusion_bench_ace.distributed.matrix_cost`."""
-    from ..distributed import matrix_cost
+    partition's estimate: the check of :func:`fusion_bench_ace.engine.distributed.matrix_cost`."""
+    from ..engine.distributed import matrix_cost
 
     times: Dict[tuple, List[float]] = {}
     for run in runs:

@@ -3,7 +3,7 @@
 Implementations (``IMPLS``), all run interleaved on the same tensors (rotating order, ``repeats``
 times, median):
 
-- ``ours``: :func:`fusion_bench_ace.ace.ace_merge_layer`;
+- ``ours``: :func:`fusion_bench_ace.methods.ace.ace_merge_layer`;
 - ``reference``: :mod:`fusion_bench_ace.bench.reference`, structured like the authors' code
   (per-task products, explicit inverse, traces via full ``WᵀW``, full SVD);
 - ``tsvm``: FusionBench's TSV-M merge math (``TSVM_utils.compute_and_sum_svd_mem_reduction``),
@@ -36,7 +36,7 @@ IMPLS = ("ours", "reference", "tsvm", "floor", "floor_wsigma")
 
 
 def _ours(stacked: Tensor, eps: float, tau: float, k_frac: float) -> Tensor:
-    from ..ace import ace_merge_layer
+    from ..methods.ace import ace_merge_layer
 
     return ace_merge_layer(stacked, eps, tau, k_frac)
 
@@ -103,7 +103,7 @@ def _relative_difference(x: Tensor, ours: Tensor) -> float:
 def bench_model(model: str, shapes, num_tasks: int, impls: List[str], repeats: int,
                 settings: dict, device: torch.device, log=print) -> dict:
     """Interleaved timings of ``impls`` on every unique shape of ``model``, both branches."""
-    from ..ace import heterogeneity
+    from ..methods.ace import heterogeneity
 
     eps, tau, k_frac = settings["eps"], settings["tau"], settings["k_frac"]
     warm = _task_vectors((8, 6), 3, True, 0, device)  # imports and first-call set-up, untimed

@@ -15,8 +15,8 @@ millisecond:
   ``LazyStateDict``);
 
 and, per model, the two lazy readers alone (``SafetensorsStateDict`` of
-:mod:`fusion_bench_ace.streaming`, FusionBench's ``LazyStateDict``: open, then read every tensor
-once). The merge time is compared with the floor of unavoidable operations
+:mod:`fusion_bench_ace.engine.io.reader`, FusionBench's ``LazyStateDict``: open, then read every
+tensor once). The merge time is compared with the floor of unavoidable operations
 (:func:`fusion_bench_ace.bench.layers.bench_model`, ``floor``) summed over the model's layers.
 """
 
@@ -67,7 +67,7 @@ def state_shapes(spec: dict) -> Dict[str, tuple]:
 
 def merged_shapes(spec: dict, exclude) -> List[list]:
     """``[label, [d_out, d_in], count]`` of every 2-D weight ACE merges (layer bench format)."""
-    from ..selection import NamePatterns
+    from ..engine.selection import NamePatterns
 
     patterns = NamePatterns.compile(exclude, "exclude_keys")
     counts: Dict[tuple, int] = {}
@@ -100,8 +100,8 @@ def write_synthetic_checkpoints(root: Path, shapes: Dict[str, tuple], config, nu
     """Checkpoints of the tensors ``shapes`` (``settings``: ``dtype``, ``seed``, ``noise``,
     ``max_shard_size``) with the Hugging Face ``config``: ``pretrained/`` and ``expert_<t>/``
     under ``root``; returns the paths."""
-    from ..checkpoint import ShardedSafetensorsWriter, TensorSpec
-    from ..streaming import open_checkpoint
+    from ..engine.io.reader import open_checkpoint
+    from ..engine.io.writer import ShardedSafetensorsWriter, TensorSpec
 
     dtype = getattr(torch, settings["dtype"])
     specs = [TensorSpec(name, shape, dtype) for name, shape in shapes.items()]
@@ -185,7 +185,7 @@ def read_every_tensor(reader: str, path: str, dtype: str) -> dict:
     is used and then freed)."""
     start = time.perf_counter()
     if reader == "safetensors_state_dict":
-        from ..streaming import open_checkpoint
+        from ..engine.io.reader import open_checkpoint
 
         state = open_checkpoint(path, getattr(torch, dtype))
     else:

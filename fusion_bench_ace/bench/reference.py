@@ -1,10 +1,10 @@
 """A reference-style ACE-Merging, structured like the authors' implementation, for the benchmark.
 
-This is *not* the implementation the plugin uses (that is :mod:`fusion_bench_ace.ace`). It is
-written here, for ``python -m fusion_bench_ace.bench``, to follow the structure of the authors'
-``MergeStrategy.ace_merging`` (GitHub ``unravel-xu/ACE-Merging``, ``src/merge/strategy.py``) so
-that the benchmark compares against the way the method is computed there:
-
+This is *not* the implementation the plugin uses (that is :mod:`fusion_bench_ace.methods.ace`).
+It is written here, for ``python -m fusion_bench_ace.bench``, to follow the structure of the
+authors' ``MergeStrategy.ace_merging`` (GitHub ``unravel-xu/ACE-Merging``,
+``src/merge/strategy.py``) so that the benchmark compares against the way the method is computed
+there:
 - a Python loop over layers, and inside it over tasks, on a list of per-task tensors;
 - energies as ``trace(ΔW_tᵀ ΔW_t)`` (a full ``n x n`` product per task, read back with ``.item()``);
 - per task: centre, form ``Σ̂_t = W̃_tᵀ W̃_t`` and ``Σ_t,reg = Σ̃_t + ε_t I`` (an explicit identity),
@@ -13,12 +13,12 @@ that the benchmark compares against the way the method is computed there:
 - heterogeneous layers: ``Δ_res = Σ_t ΔW_t (Σ̃_t - mean Σ_t,reg)`` with one product per task, then a
   full (thin) SVD of ``W_pre + Δ_res``.
 
-Same formulas as :mod:`fusion_bench_ace.ace` (and the paper), including the authors' ``1e-12``
-guards on traces and on ``mean(log e)^2``, which change nothing measurable on non-degenerate task
-vectors (the benchmark's random ones). The edge cases :mod:`fusion_bench_ace.ace` documents
-(all-zero task vectors, ``d_out = 1``, ``k = 0``) are not handled: the benchmark does not produce
-them. Everything runs in the task vectors' dtype on ``device``.
-"""
+Same formulas as :mod:`fusion_bench_ace.methods.ace` (and the paper), including the authors'
+``1e-12`` guards on traces and on ``mean(log e)^2``, which change nothing measurable on
+non-degenerate task vectors (the benchmark's random ones). The edge cases
+:mod:`fusion_bench_ace.methods.ace` documents (all-zero task vectors, ``d_out = 1``, ``k = 0``) are
+not handled: the benchmark does not produce them. Everything runs in the task vectors' dtype on
+``device``. """
 
 from __future__ import annotations
 

@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from ..ace import ace_merge_layer_with_info
-from ..merging import plan_parameters, stacked_task_vectors
+from ..engine.driver import plan_parameters, stacked_task_vectors
+from ..engine.io.reader import safetensors_files
+from ..methods.ace import ace_merge_layer_with_info
 from ..paths import config_dir
-from ..streaming import safetensors_files
 
 OPTION_KEYS = ("eps", "tau", "k_frac", "eps_mode", "eps_rel", "gamma_mode", "tau_scale_free")
 

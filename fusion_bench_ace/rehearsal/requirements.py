@@ -49,7 +49,7 @@ def pool_overrides(spec: dict) -> List[str]:
 
 @contextlib.contextmanager
 def _recording_ace_hf(ids: List[str]) -> Iterator[None]:
-    from hydra_plugins.fusion_bench_ace_searchpath import _hf_repo
+    from ..resolvers import hf_repo
 
     def record(repo_id: str) -> str:
         if repo_id not in ids:
@@ -60,7 +60,7 @@ def _recording_ace_hf(ids: List[str]) -> Iterator[None]:
     try:
         yield
     finally:
-        OmegaConf.register_new_resolver("ace_hf", _hf_repo, replace=True)
+        OmegaConf.register_new_resolver("ace_hf", hf_repo, replace=True)
 
 
 def requirements(benchmark: str, openclip_dir: Path) -> Requirements:

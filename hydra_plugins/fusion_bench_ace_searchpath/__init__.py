@@ -5,7 +5,8 @@ distribution. This one appends our config directory (:func:`fusion_bench_ace.pat
 after FusionBench's, so FusionBench's own configs win on equal names. Imports go one way: this
 plugin imports the package, never the reverse.
 
-It also repairs one FusionBench quirk: ``fusion_bench`` takes ``$CWD/config`` as its primary config
+It also registers our OmegaConf resolvers (:mod:`fusion_bench_ace.resolvers`) and repairs one
+FusionBench quirk: ``fusion_bench`` takes ``$CWD/config`` as its primary config
 directory whenever one exists (our repository root has one), and then cannot find its own
 ``fabric_model_fusion`` config. When that happens, FusionBench's packaged configs are appended so
 the run works from any directory.
@@ -15,9 +16,9 @@ import os
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
-from omegaconf import OmegaConf
 
 from fusion_bench_ace.paths import config_dir
+from fusion_bench_ace.resolvers import register as register_resolvers
 
 FUSION_BENCH_ROOT_CONFIG = "fabric_model_fusion.yaml"
 
@@ -42,33 +43,6 @@ class FusionBenchAceSearchPathPlugin(SearchPathPlugin):
         search_path.append(provider="fusion_bench_ace", path=f"file://{config_dir()}")
 
 
-def _ace_mini_path(track: str, relative: str = "") -> str:
-    """``${ace_mini:<track>,<relative path>}``: a file of a built embedded-benchmark track."""
-    from fusion_bench_ace.mini import track_path
-
-    return track_path(track, relative)
-
-
-HF_ROOT_ENV = "FUSION_BENCH_ACE_HF_ROOT"
-
-
-def _hf_repo(repo_id: str) -> str:
-    """``${ace_hf:<owner>/<name>}``: a local copy of a Hugging Face repo if there is one, else
-    the id.
-
-    With ``FUSION_BENCH_ACE_HF_ROOT=/data/hf`` a config naming ``openai/clip-vit-base-patch32``
-    loads ``/data/hf/openai/clip-vit-base-patch32`` when that directory exists; otherwise the id is
-    passed on and the hub (or its cache, with ``HF_HUB_OFFLINE=1``) is used as usual.
-    """
-    root = os.environ.get(HF_ROOT_ENV)
-    if root:
-        candidate = os.path.join(os.path.expanduser(root), repo_id)
-        if os.path.exists(candidate):
-            return candidate
-    return repo_id
-
-
 # Hydra imports this module while it scans for plugins, before any config is composed, so the
 # resolvers exist whenever FusionBench resolves our model- and task-pool configs.
-OmegaConf.register_new_resolver("ace_mini", _ace_mini_path, replace=True)
-OmegaConf.register_new_resolver("ace_hf", _hf_repo, replace=True)
+register_resolvers()

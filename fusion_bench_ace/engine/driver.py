@@ -6,7 +6,8 @@ against the pretrained model before any heavy work, and streams tensor by tensor
 ``Mapping[str, Tensor]`` checkpoints (in-memory state dicts or lazy ones), so a lazy source keeps
 only one parameter's task vectors in memory. Each merged tensor goes where it belongs as soon as it
 is computed: into the pretrained model's own storage (:func:`merge_in_place`) or into a checkpoint
-file (:mod:`fusion_bench_ace.checkpoint`), so no second model is ever built. No FusionBench import.
+file (:mod:`fusion_bench_ace.engine.io.writer`), so no second model is ever built. No FusionBench
+import.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from typing import (
 import torch
 from torch import Tensor
 
-from .checkpoint import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, TensorSpec
+from ..methods.tensors import check_finite, compute_dtype_for
+from .io.writer import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, TensorSpec
 from .selection import NamePatterns
-from .tensors import check_finite, compute_dtype_for
 
 StateDict = Mapping[str, Tensor]
 TensorMerge = Callable[[Tensor, str], Tensor]
@@ -62,7 +63,7 @@ def plan_parameters(
     """Sort the pretrained model's parameters into matrix / average / skip.
 
     ``exclude_keys`` and ``average_keys`` (regexes, or compiled :class:`NamePatterns`) select
-    names as :mod:`fusion_bench_ace.selection` says.
+    names as :mod:`fusion_bench_ace.engine.selection` says.
     """
     exclude = NamePatterns.compile(exclude_keys, "exclude_keys")
     average = NamePatterns.compile(average_keys, "average_keys")
@@ -293,9 +294,9 @@ def write_merged_checkpoint(
 
     ``specs`` lists every tensor of the checkpoint (name, shape, dtype) in the order they are
     merged and written (usually the pretrained checkpoint's, from its headers). With lazy
-    ``pretrained`` and ``experts`` (:mod:`fusion_bench_ace.streaming`), memory holds one
+    ``pretrained`` and ``experts`` (:mod:`fusion_bench_ace.engine.io.reader`), memory holds one
     parameter's task vectors and its merged tensor, whatever the model size. Returns the files
-    written (:class:`fusion_bench_ace.checkpoint.ShardedSafetensorsWriter`).
+    written (:class:`fusion_bench_ace.engine.io.writer.ShardedSafetensorsWriter`).
 
     One share of a merge split across processes: ``names`` (in the order of ``specs``) are the
     tensors this process merges and writes into files another process created

@@ -1,13 +1,13 @@
 """Peak memory of reading ``T`` experts parameter by parameter, by reader.
 
-``python -m fusion_bench_ace.bench.lazy [--mode memory|quick|full|tiny] [--out DIR]``: the same
-synthetic GPT-2-style safetensors experts as the memory curve (``memory`` settings of the mode in
-``config/bench/ace.yaml``), read as the merge driver reads them
-(:func:`fusion_bench_ace.merging.stacked_task_vectors`: one parameter's task vectors of every
+``python -m fusion_bench_ace.studies.lazy_read [--mode memory|quick|full|tiny] [--out DIR]``: the
+same synthetic GPT-2-style safetensors experts as the memory curve (``memory`` settings of the mode
+in ``config/bench/ace.yaml``), read as the merge driver reads them
+(:func:`fusion_bench_ace.engine.driver.stacked_task_vectors`: one parameter's task vectors of every
 expert, dropped before the next) through each reader, one fresh subprocess per reader and ``T``;
 peak RSS above the RSS before the experts are opened, sampled every millisecond.
 
-Readers: ``streaming`` (:func:`fusion_bench_ace.streaming.open_checkpoint`), FusionBench's
+Readers: ``streaming`` (:func:`fusion_bench_ace.engine.io.reader.open_checkpoint`), FusionBench's
 ``LazyStateDict`` as its pools create it (``cache_state_dict=False``) and with
 ``cache_state_dict=True``, and ``loaded`` (every expert's whole state dict read first, as the
 in-memory path holds them).
@@ -27,10 +27,10 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 
 from .. import provenance
-from ..merging import stacked_task_vectors
-from .cli import load_settings
-from .measure import PeakSampler
-from .memory import run_worker, write_memory_pool
+from ..bench.cli import load_settings
+from ..bench.measure import PeakSampler
+from ..bench.memory import run_worker, write_memory_pool
+from ..engine.driver import stacked_task_vectors
 
 
 def _readers() -> Dict[str, Callable[[str], Mapping[str, torch.Tensor]]]:
@@ -38,7 +38,7 @@ def _readers() -> Dict[str, Callable[[str], Mapping[str, torch.Tensor]]]:
     from fusion_bench.utils.lazy_state_dict import LazyStateDict
     from safetensors.torch import load_file
 
-    from ..streaming import open_checkpoint
+    from ..engine.io.reader import open_checkpoint
 
     return {
         "streaming": open_checkpoint,
@@ -87,7 +87,7 @@ def read_curve(spec: dict, seed: int, log=print) -> List[dict]:
                 command = [
                     sys.executable,
                     "-m",
-                    "fusion_bench_ace.bench.lazy",
+                    "fusion_bench_ace.studies.lazy_read",
                     "--worker",
                     root,
                     str(num_tasks),
@@ -132,7 +132,7 @@ def render(header: dict, spec: dict, rows: List[dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m fusion_bench_ace.bench.lazy", description=__doc__.split("\n")[0]
+        prog="python -m fusion_bench_ace.studies.lazy_read", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--mode", default="memory", help="mode of the settings (default memory)")
     parser.add_argument("--config", default=None, help="settings file (default bench/ace.yaml)")
@@ -152,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     spec = config["modes"][args.mode]["memory"]
     argv_used = sys.argv[1:] if argv is None else list(argv)
     header = provenance.collect(
-        " ".join(["python -m fusion_bench_ace.bench.lazy", *argv_used]), "cpu"
+        " ".join(["python -m fusion_bench_ace.studies.lazy_read", *argv_used]), "cpu"
     )
     rows = read_curve(spec, config["seed"])
     text = render(header, spec, rows)

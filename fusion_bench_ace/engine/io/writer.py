@@ -9,11 +9,8 @@ multiple of 8 bytes, then the raw little-endian bytes) and Hugging Face's naming
 safetensors`` for one shard, else ``model-00001-of-0000N.safetensors`` plus the index), so
 ``transformers``' ``from_pretrained`` and ``safetensors.safe_open`` read them like
 ``save_pretrained``'s output.
-
-:func:`staged_path` gives a private temporary path beside the final one and renames it into place
-only when everything was written: an interrupted write (exception, Ctrl-C) is removed, a killed
-process leaves only a hidden ``.<name>.saving-<pid>`` sibling, and the final path either does not
-exist or is complete.
+Callers write into :func:`fusion_bench_ace.atomic.staged_path`, so the final directory either does
+not exist or is complete.
 
 No FusionBench or transformers import (MergeKit's ``TensorWriter`` plays this role there).
 """
@@ -23,13 +20,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,7 +35,6 @@ __all__ = [
     "ShardedSafetensorsWriter",
     "TensorSpec",
     "parse_size",
-    "staged_path",
 ]
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -255,44 +249,3 @@ class ShardedSafetensorsWriter:
     def abort(self) -> None:
         for shard in self.shards:
             shard.close()
-
-
-@contextmanager
-def staged_path(final: Union[str, os.PathLike], *, overwrite: bool = False) -> Iterator[Path]:
-    """A path to write to instead of ``final``; renamed to ``final`` when the block succeeds.
-
-    The yielded path is ``<parent>/.<name>.saving-<pid>/<name>`` (not created: write a file or
-    make a directory there), so formats that embed the file name come out as a direct save
-    would. ``final`` existing is a ``FileExistsError`` unless ``overwrite``; then it is replaced
-    only after the new one is complete (and restored if the swap fails). On any exception the
-    staged data is removed and ``final`` is left as it was.
-    """
-    final = Path(final)
-    if (final.exists() or final.is_symlink()) and not overwrite:
-        raise FileExistsError(
-            f"{final} already exists; choose another path or allow overwriting it"
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.saving-{os.getpid()}"
-    retired = final.parent / f".{final.name}.old-{os.getpid()}"
-    _remove(staging)
-    staging.mkdir()
-    try:
-        yield staging / final.name
-        if final.exists() or final.is_symlink():
-            final.rename(retired)
-        (staging / final.name).rename(final)
-    except BaseException:
-        if (retired.exists() or retired.is_symlink()) and not final.exists():
-            retired.rename(final)
-        raise
-    finally:
-        _remove(staging)
-    _remove(retired)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

@@ -1,7 +1,7 @@
 """Issue 18's experiment: ACE's ε in ``absolute`` vs ``relative`` mode, γ ``paper`` vs
 ``scale_free``, read off ``compare sweep`` outputs (docs/ace_scale_free.md).
 
-``python -m fusion_bench_ace.compare.ace_scale_free ROOT [--within 0.5]`` reads the ``latest``
+``python -m fusion_bench_ace.studies.ace_scale_free ROOT [--within 0.5]`` reads the ``latest``
 run of every sweep directory under ``ROOT`` (each made by ``compare sweep ... --out ROOT/<name>``,
 with or without ``--validation``) and writes ``summary.md``, ``summary.json`` and
 ``validation_vs_eps.png`` into ``ROOT``. Everything chosen is chosen on validation data:
@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .. import provenance
+from ..compare.runs import sweep_jobs
+from ..compare.tables import measured_row
 from ..paths import config_dir
-from .runs import sweep_jobs
-from .tables import measured_row
 
 ABSOLUTE, RELATIVE = "absolute", "relative"
 VALIDATION, TEST = "validation", "test"
@@ -370,7 +370,7 @@ def plot(result: dict, presets: Dict[str, float], path: Path) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.compare.ace_scale_free",
+    parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.studies.ace_scale_free",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="directory of the sweeps' --out directories")
     parser.add_argument("--within", type=float, default=0.5, help="points (default 0.5)")
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     presets = paper_presets(runs)
     result["layers"] = layer_statistics(runs, presets)
     info = provenance.collect(" ".join(
-        ["python -m fusion_bench_ace.compare.ace_scale_free", *argv]))
+        ["python -m fusion_bench_ace.studies.ace_scale_free", *argv]))
     sources = []
     for latest in sorted(args.root.glob("*/latest")):
         command = json.loads((latest / "provenance.json").read_text())["command"]

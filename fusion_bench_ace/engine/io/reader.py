@@ -4,7 +4,7 @@ The in-memory path loads every expert as a model (``T`` models in memory). When 
 safetensors checkpoints (a Hugging Face ``save_pretrained`` directory, sharded or not, or a
 ``.safetensors`` file), :class:`SafetensorsStateDict` is a read-only ``Mapping[str, Tensor]`` that
 opens the file, reads one tensor and closes it again on every lookup, so the merge driver
-(:func:`fusion_bench_ace.merging.merged_tensors`, which asks for one parameter of every expert
+(:func:`fusion_bench_ace.engine.driver.merged_tensors`, which asks for one parameter of every expert
 at a time) keeps only one parameter's task vectors of all experts in memory, whatever ``T``.
 Each lookup opens and closes the file, so no memory map stays open and the pages read do not
 accumulate in the process's resident memory.
@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .checkpoint import CODE_DTYPES, SAFE_INDEX, SAFE_WEIGHTS
+from .writer import CODE_DTYPES, SAFE_INDEX, SAFE_WEIGHTS
 
 __all__ = [
     "SafetensorsStateDict",
