@@ -3,8 +3,13 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fusion_bench_ace.environ import patched_environ  # noqa: F401 (tests import it from here)
+
+# property tests draw the same examples on every run and machine: a red test is reproducible
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.load_profile("deterministic")
 
 
 def pytest_configure(config):

@@ -211,7 +211,7 @@ def baseline_ace():
         pytest.skip(f"needs the git history (commit {BASELINE_COMMIT[:10]}) of the repository")
     spec = importlib.util.spec_from_loader("fusion_bench_ace._ace_baseline", loader=None)
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = "fusion_bench_ace"
+    module.__package__ = "fusion_bench_ace.methods"  # its relative imports: methods/tensors.py
     sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
         exec(compile(source, f"{BASELINE_COMMIT[:10]}:fusion_bench_ace/ace.py", "exec"),

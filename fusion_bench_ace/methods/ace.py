@@ -58,26 +58,31 @@ Choices where the paper is silent or the authors' code (``unravel-xu/ACE-Merging
   the authors' explicit ``inv``; algebraically identical. If the factorisation fails in the compute
   dtype (ε below the precision of the Gram scale), the solve falls back to a float64
   eigendecomposition with a pseudo-inverse, which is the ε → 0 limit of the same formula.
-- **Dtypes.** float64 inputs are computed in float64, float32/float16/bfloat16 in float32; the
-  result is cast back to the input dtype. Exception: a *short* layer whose summed Gram matrix is
-  singular (``T (d_out - 1) < d_in``, e.g. ViT's 50 x 768 position embedding with 8 tasks) is
-  computed in float64 whatever its dtype, because only ε regularises that null space and float32
-  rounding there is amplified by ~1/ε. In float32 the energies, γ and the task weights are
-  float64 scalars, and the refinement's top-``k`` singular triplets come from a float64
-  eigendecomposition of the smaller Gram matrix of ``W_pre + Δ_res`` (``F Fᵀ`` or ``Fᵀ F``):
-  the same triplets as an SVD, more accurate than a float32 SVD and 2-4x cheaper on rectangular
-  layers. If ``σ_k`` is numerically zero (rank-deficient ``F``, singular vectors not unique) the
-  refinement uses ``torch.linalg.svd`` as before. float64 inputs keep the SVD.
-- **float32 as exact as float64.** A float32 merge lands within 1e-5 (relative, Frobenius) of the
-  float64 merge of the same inputs. float32 rounding of the sums is amplified by the condition
-  number κ of ``Σ_t Σ_t,reg`` (real task vectors have fast-decaying spectra, and ε = 1e-5 is tiny
-  next to their Grams: up to 3e-4 on the embedded CLIP track) and, heterogeneous, by the
-  refinement's sensitivity to ``F`` (:func:`_refinement_amplification`); only float64 products
-  avoid it. So after the float32 pass the error is predicted, ``3 u κ_est (1 + amplification)``
-  (``u = 2^-24``, ``κ_est`` from 10 power and inverse iterations on the Cholesky factor; the factor
-  3 bounds the measured errors of every layer of both tracks), and a layer predicted to miss
-  1e-5 is merged again in float64 (task vectors read a third time; exactly the float64 merge,
-  cast). Well-conditioned layers, e.g. random task vectors, stay float32 at no extra cost.
+- **Dtypes.** float64 inputs are computed in float64, float32/float16/bfloat16 in float32 (or
+  float64 with ``precision="float64"``); the result is cast back to the input dtype. In float32 the
+  energies, γ and the task weights are float64 scalars, and the refinement's top-``k`` singular
+  triplets come from a float64 eigendecomposition of the smaller Gram matrix of ``W_pre + Δ_res``
+  (``F Fᵀ`` or ``Fᵀ F``): the same triplets as an SVD, 2-4x cheaper on rectangular layers; a
+  float32 Gram would lose the small singular values of fast-decaying spectra (measured: relative
+  error 0.5 against 2e-4). If ``σ_k`` is numerically zero (rank-deficient ``F``, singular vectors
+  not unique) the refinement uses ``torch.linalg.svd``. float64 inputs keep the SVD.
+- **Short layers** (``T d_out <= d_in``, e.g. ViT's 50 x 768 position embedding with 8 tasks, or a
+  Llama's 2048 x 8192 ``down_proj`` with 3): the summed Gram is singular but for ε, and float32
+  rounding in its null space is amplified by ~1/ε (measured: relative error 16 on the position
+  embedding). They are solved in the ``T d_out``-dimensional row space (:class:`_RowSums`), the
+  same merge by the push-through identity, which never meets those directions and costs less.
+- **Precision is a choice** (``precision``). ``"float32"`` (default): one pass in float32 whatever
+  the layer. Its rounding is amplified by the condition number κ of the system (real task vectors
+  have fast-decaying spectra and ε = 1e-5 is tiny next to their Grams) and, heterogeneous, by the
+  refinement's sensitivity to ``F``; each result carries the predicted relative distance to the
+  float64 merge of the same inputs, ``3 u (κ_est + √d_in)(1 + amplification)`` (``u = 2^-24``,
+  ``κ_est`` from 10 power and inverse iterations on the Cholesky factor,
+  :func:`_refinement_amplification`), as ``float32_error_estimate``: an upper estimate
+  (measured up to 3 decades above the error on random and decaying layers). ``"float64"``: every
+  layer accumulated and solved in float64 (about twice the float32 time on a CPU), the float64
+  merge of the inputs. No layer is ever computed twice. If
+  the float32 Cholesky factorisation fails (ε below float32 precision of the Gram scale), the
+  float32 sums are solved through the float64 eigendecomposition below.
 
 How it is computed (performance; none of it changes the formulas above):
 
@@ -110,7 +115,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -120,27 +125,28 @@ from .tensors import TaskVectors, check_finite, compute_dtype_for, stack_task_ve
 __all__ = [
     "EPS_MODES",
     "GAMMA_MODES",
+    "PRECISIONS",
     "ACELayerResult",
+    "ACEOptions",
     "ace_merge_layer",
     "ace_merge_layer_stream",
     "ace_merge_layer_with_info",
     "check_ace_hyperparameters",
     "heterogeneity",
+    "merge_layer",
+    "merge_layer_stream",
 ]
 
 TaskSource = Callable[[int], Tensor]
-"""``task_vector(t) -> Tensor (d_out, d_in)`` for ``t in range(num_tasks)``; called two or three
-times per task."""
+"""``task_vector(t) -> Tensor (d_out, d_in)`` for ``t in range(num_tasks)``; called twice per
+task."""
 
 _GRAM_LEAF = 192  # Gram blocks narrower than 2 * this are computed whole
 _MAX_WEIGHT = 1e30  # float32 accumulators stay far from overflow below this task weight
 _ENERGY_CHUNK = 1 << 20  # elements squared at a time for the energies (bounded temporaries)
-# float32 merges must land within this relative distance of the float64 merge of the same inputs;
-# a layer predicted to miss it is merged in float64 (docs/ace_scale_free.md, "float32 precision").
-_FLOAT32_TARGET = 1e-5
 # Predicted float32 error of W_pre: _FLOAT32_ERROR_PER_CONDITION u κ_est (u = 2^-24, κ_est the
-# estimated condition number of the system). Measured on every 2-D layer of both embedded tracks
-# at ε = 1e-5 ... 1, both branches: relative error <= 2.5 u κ_est (median 0.2-2).
+# estimated condition number of the system). Measured on every 2-D layer of the CLIP and GPT-2
+# tracks at ε = 1e-5 ... 1, both branches: relative error <= 2.5 u κ_est (median 0.2-2).
 _FLOAT32_ERROR_PER_CONDITION = 3.0
 _CONDITION_ITERATIONS = 10
 _FLOAT32_EPS = torch.finfo(torch.float32).eps / 2  # u = 2^-24, the unit roundoff
@@ -152,6 +158,9 @@ same units (``docs/ace_scale_free.md``): the merge scales with a common rescalin
 GAMMA_MODES = ("paper", "scale_free")
 """``paper``: ``γ = Var[log e] / Mean[log e]²`` against ``tau``. ``scale_free``: ``Var[log e]``
 against ``tau_scale_free``, unchanged by a common rescaling of the task vectors."""
+PRECISIONS = ("float32", "float64")
+"""What non-float64 inputs are computed in: ``float32`` (one float32 pass, the default, with its
+predicted error reported) or ``float64`` (the exact merge of the inputs, about 2x the time)."""
 
 
 @dataclass(frozen=True)
@@ -177,21 +186,63 @@ class ACELayerResult:
     """The ridge ε the closed form used (``eps``, or ``eps_rel`` × the layer's mean Gram
     eigenvalue in ``relative`` mode); ``None`` when the layer was not solved (a fallback)."""
     compute_dtype: Optional[torch.dtype] = None
-    """What the layer was computed in: float32, or float64 (float64 inputs, short layers, and
-    float32 layers whose float32 merge was predicted to miss float64 by more than 1e-5)."""
+    """What the layer was computed in: float32, or float64 (``precision="float64"``, float64
+    inputs, short layers)."""
+    float32_error_estimate: Optional[float] = None
+    """Predicted ``‖W_32 - W_64‖_F / ‖W_64‖_F`` of a layer solved in float32 (``None`` when it
+    was computed in float64 or not solved)."""
 
 
 @dataclass(frozen=True)
-class _Options:
-    """The validated hyperparameters of one merge."""
+class ACEOptions:
+    """The hyperparameters of a merge, validated once when built (every layer then reuses them).
 
-    eps: float
-    tau: float
-    k_frac: float
-    eps_mode: str
-    eps_rel: Optional[float]
-    gamma_mode: str
-    tau_scale_free: Optional[float]
+    ``eps_rel`` is required when ``eps_mode="relative"``, ``tau_scale_free`` when
+    ``gamma_mode="scale_free"``; either is checked whenever it is given. Numbers are stored as
+    Python floats.
+    """
+
+    eps: float = 1e-5
+    tau: float = 0.3
+    k_frac: float = 0.3
+    eps_mode: str = "absolute"
+    eps_rel: Optional[float] = None
+    gamma_mode: str = "paper"
+    tau_scale_free: Optional[float] = None
+    precision: str = "float32"
+
+    def __post_init__(self):
+        eps, tau, k_frac = self.eps, self.tau, self.k_frac
+        if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps must be a finite number > 0 (Tikhonov strength); got {eps!r}")
+        if not _is_number(tau) or math.isnan(tau) or tau < 0:
+            raise ValueError(f"tau must be >= 0 (heterogeneity threshold); got {tau!r}")
+        if not _is_number(k_frac) or not (0.0 <= k_frac <= 1.0):
+            raise ValueError(f"k_frac must lie in [0, 1] (spectral rank fraction); got {k_frac!r}")
+        _check_choice("eps_mode", self.eps_mode, EPS_MODES)
+        _check_choice("gamma_mode", self.gamma_mode, GAMMA_MODES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        eps_rel, tau_scale_free = self.eps_rel, self.tau_scale_free
+        if eps_rel is None and self.eps_mode == "relative":
+            raise ValueError("eps_mode='relative' needs eps_rel (the ridge / mean Gram eigenvalue)")
+        if eps_rel is not None and (not _is_number(eps_rel) or not math.isfinite(eps_rel)
+                                    or eps_rel <= 0):
+            raise ValueError(
+                f"eps_rel must be a finite number > 0 (relative ridge); got {eps_rel!r}"
+            )
+        if tau_scale_free is None and self.gamma_mode == "scale_free":
+            raise ValueError(
+                "gamma_mode='scale_free' needs tau_scale_free (threshold on Var[log e])"
+            )
+        if tau_scale_free is not None and (not _is_number(tau_scale_free)
+                                           or math.isnan(tau_scale_free) or tau_scale_free < 0):
+            raise ValueError(
+                f"tau_scale_free must be >= 0 (threshold on Var[log e]); got {tau_scale_free!r}"
+            )
+        for name in ("eps", "tau", "k_frac", "eps_rel", "tau_scale_free"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, float(value))
 
     def heterogeneity(self, nonzero_energies: Tensor) -> float:
         return _heterogeneity(nonzero_energies, self.gamma_mode)
@@ -200,15 +251,13 @@ class _Options:
     def threshold(self) -> float:
         return self.tau_scale_free if self.gamma_mode == "scale_free" else self.tau
 
-
-def _options(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free) -> _Options:
-    check_ace_hyperparameters(eps, tau, k_frac, eps_mode=eps_mode, eps_rel=eps_rel,
-                              gamma_mode=gamma_mode, tau_scale_free=tau_scale_free)
-    return _Options(
-        float(eps), float(tau), float(k_frac), eps_mode,
-        None if eps_rel is None else float(eps_rel), gamma_mode,
-        None if tau_scale_free is None else float(tau_scale_free),
-    )
+    def describe(self) -> str:
+        """The options that decide the merge, as a log line fragment."""
+        ridge = (f"eps={self.eps:g}" if self.eps_mode == "absolute"
+                 else f"eps_mode=relative, eps_rel={self.eps_rel:g}")
+        branch = (f"tau={self.tau:g}" if self.gamma_mode == "paper"
+                  else f"gamma_mode=scale_free, tau_scale_free={self.tau_scale_free:g}")
+        return f"{ridge}, {branch}, k_frac={self.k_frac:g}, precision={self.precision}"
 
 
 def check_ace_hyperparameters(
@@ -220,34 +269,16 @@ def check_ace_hyperparameters(
     eps_rel: Optional[float] = None,
     gamma_mode: str = "paper",
     tau_scale_free: Optional[float] = None,
+    precision: str = "float32",
 ) -> None:
-    """Reject hyperparameters outside the ranges the method is defined on.
+    """Reject hyperparameters outside the ranges the method is defined on (see
+    :class:`ACEOptions`)."""
+    ACEOptions(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free, precision)
 
-    ``eps_rel`` is required when ``eps_mode="relative"``, ``tau_scale_free`` when
-    ``gamma_mode="scale_free"``; either is checked whenever it is given.
-    """
-    if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0 (Tikhonov strength); got {eps!r}")
-    if not _is_number(tau) or math.isnan(tau) or tau < 0:
-        raise ValueError(f"tau must be >= 0 (heterogeneity threshold); got {tau!r}")
-    if not _is_number(k_frac) or not (0.0 <= k_frac <= 1.0):
-        raise ValueError(f"k_frac must lie in [0, 1] (spectral rank fraction); got {k_frac!r}")
-    if eps_mode not in EPS_MODES:
-        raise ValueError(f"eps_mode must be one of {', '.join(EPS_MODES)}; got {eps_mode!r}")
-    if gamma_mode not in GAMMA_MODES:
-        raise ValueError(f"gamma_mode must be one of {', '.join(GAMMA_MODES)}; got {gamma_mode!r}")
-    if eps_rel is None and eps_mode == "relative":
-        raise ValueError("eps_mode='relative' needs eps_rel (the ridge / mean Gram eigenvalue)")
-    if eps_rel is not None and (not _is_number(eps_rel) or not math.isfinite(eps_rel)
-                                or eps_rel <= 0):
-        raise ValueError(f"eps_rel must be a finite number > 0 (relative ridge); got {eps_rel!r}")
-    if tau_scale_free is None and gamma_mode == "scale_free":
-        raise ValueError("gamma_mode='scale_free' needs tau_scale_free (threshold on Var[log e])")
-    if tau_scale_free is not None and (not _is_number(tau_scale_free)
-                                       or math.isnan(tau_scale_free) or tau_scale_free < 0):
-        raise ValueError(
-            f"tau_scale_free must be >= 0 (threshold on Var[log e]); got {tau_scale_free!r}"
-        )
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _is_number(x) -> bool:
@@ -281,6 +312,7 @@ def ace_merge_layer(
     eps_rel: Optional[float] = None,
     gamma_mode: str = "paper",
     tau_scale_free: Optional[float] = None,
+    precision: str = "float32",
 ) -> Tensor:
     """Merge the task vectors of one 2-D weight with ACE-Merging (Algorithm 1).
 
@@ -297,6 +329,8 @@ def ace_merge_layer(
         gamma_mode: ``"paper"`` (γ against ``tau``) or ``"scale_free"`` (``Var[log e]`` against
             ``tau_scale_free``).
         tau_scale_free: threshold >= 0 on ``Var[log e]``, required by ``gamma_mode="scale_free"``.
+        precision: ``"float32"`` (one float32 pass for non-float64 inputs, its predicted error
+            reported) or ``"float64"`` (computed in float64).
 
     Returns:
         The merged task vector, same shape and dtype as the inputs (add it, scaled, to the
@@ -306,10 +340,9 @@ def ace_merge_layer(
         ValueError: empty input, mismatched or non-2-D shapes, NaN/Inf values, or
             hyperparameters out of range.
     """
-    return ace_merge_layer_with_info(
-        task_vectors, eps, tau, k_frac, eps_mode=eps_mode, eps_rel=eps_rel,
-        gamma_mode=gamma_mode, tau_scale_free=tau_scale_free,
-    ).merged
+    options = ACEOptions(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free,
+                         precision)
+    return merge_layer(task_vectors, options).merged
 
 
 def ace_merge_layer_with_info(
@@ -322,10 +355,19 @@ def ace_merge_layer_with_info(
     eps_rel: Optional[float] = None,
     gamma_mode: str = "paper",
     tau_scale_free: Optional[float] = None,
+    precision: str = "float32",
     keep_preliminary: bool = False,
 ) -> ACELayerResult:
     """:func:`ace_merge_layer`, also returning γ, the branch taken and (optionally) ``W_pre``."""
-    options = _options(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free)
+    options = ACEOptions(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free,
+                         precision)
+    return merge_layer(task_vectors, options, keep_preliminary=keep_preliminary)
+
+
+def merge_layer(
+    task_vectors: TaskVectors, options: ACEOptions, *, keep_preliminary: bool = False
+) -> ACELayerResult:
+    """:func:`ace_merge_layer_with_info` with options validated beforehand (:class:`ACEOptions`)."""
     if isinstance(task_vectors, Tensor):  # NaN/Inf: checked through the energies (pass 1)
         stacked, unchecked = _validate_stack(task_vectors), task_vectors
     else:
@@ -353,21 +395,36 @@ def ace_merge_layer_stream(
     eps_rel: Optional[float] = None,
     gamma_mode: str = "paper",
     tau_scale_free: Optional[float] = None,
+    precision: str = "float32",
     device: str | torch.device | None = None,
     keep_preliminary: bool = False,
 ) -> ACELayerResult:
-    """:func:`ace_merge_layer_with_info` on task vectors produced one at a time.
+    """:func:`ace_merge_layer_with_info` on task vectors produced one at a time
+    (:func:`merge_layer_stream`)."""
+    options = ACEOptions(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free,
+                         precision)
+    return merge_layer_stream(task_vector, num_tasks, options, device=device,
+                              keep_preliminary=keep_preliminary)
+
+
+def merge_layer_stream(
+    task_vector: TaskSource,
+    num_tasks: int,
+    options: ACEOptions,
+    *,
+    device: str | torch.device | None = None,
+    keep_preliminary: bool = False,
+) -> ACELayerResult:
+    """:func:`merge_layer` on task vectors produced one at a time.
 
     ``task_vector(t)`` must return task ``t``'s ``(d_out, d_in)`` task vector (any float dtype,
     any device; the same tensor each time it is asked): it is called twice per task, once for
-    the energies and once for the accumulation (a third time when a float32 layer is merged again
-    in float64), and nothing per task is kept, so the extra memory is O(d_out d_in + d_in²)
-    whatever ``num_tasks``. The result equals, bit for bit, the stacked
+    the energies and once for the accumulation, and nothing per task is kept, so the extra memory
+    is O(d_out d_in + d_in²) whatever ``num_tasks``. The result equals, bit for bit, the stacked
     entry points on the same values and device. ``device`` is where the math runs (default: the
     first task vector's device). Inputs are validated as :func:`ace_merge_layer` does (shape,
     float dtype, NaN/Inf, naming the task).
     """
-    options = _options(eps, tau, k_frac, eps_mode, eps_rel, gamma_mode, tau_scale_free)
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive int; got {num_tasks!r}")
     result, input_dtype = _merge(
@@ -438,7 +495,7 @@ def _gamma(nonzero_energies: Tensor) -> float:
 def _merge(
     source: TaskSource,
     num_tasks: int,
-    options: _Options,
+    options: ACEOptions,
     *,
     keep_preliminary: bool,
     device: Optional[torch.device],
@@ -462,11 +519,11 @@ def _merge(
             shape, dtype, device = _check_streamed(x, t, shape, dtype, device)
         elif device is None:
             device = x.device
-        energies.append(_energy(x.to(device=device, dtype=compute_dtype_for(dtype))))
+        energies.append(_energy(x.to(device=device, dtype=_compute_dtype(x.dtype, options))))
         del x
     if finite_unchecked is not None and not all(map(math.isfinite, energies)):
         check_finite(finite_unchecked, what="task vector")  # raises, unless a square overflowed
-    compute = compute_dtype_for(dtype)
+    compute = _compute_dtype(dtype, options)
     m, n = shape
     energy = torch.tensor(energies, dtype=torch.float64)
     nonzero = [t for t in range(num_tasks) if energies[t] > 0]
@@ -475,11 +532,6 @@ def _merge(
         return ACELayerResult(zeros, 0.0, False, 0, 0, fallback="all-zero"), dtype
     gamma = options.heterogeneity(energy[energy > 0])
     heterogeneous = gamma > options.threshold
-    if compute != torch.float64 and len(nonzero) * (m - 1) < n:
-        # Σ_t Σ̂_t has rank <= T (d_out - 1) < d_in: only ε holds its null space, where float32
-        # rounding of the numerator is amplified by ~1/ε (measured: relative error 16 at a
-        # 50 x 768 position embedding, T = 8, ε = 1e-5). Such layers are short; float64 is cheap.
-        compute = torch.float64
 
     def task(t: int) -> Tensor:
         return source(t).to(device=device, dtype=compute)
@@ -491,19 +543,24 @@ def _merge(
         average = total.div_(len(nonzero))
         return ACELayerResult(average, gamma, heterogeneous, 0, len(nonzero), "average"), dtype
 
-    acc = _Accumulator(m, n, compute, device, heterogeneous, options.eps_mode == "relative")
+    relative = options.eps_mode == "relative"
+    if _solves_in_row_space(len(nonzero), m, n):
+        acc = _RowSums(m, n, len(nonzero), compute, device, heterogeneous, relative)
+    else:
+        acc = _ColumnSums(m, n, compute, device, heterogeneous, relative)
     for t in nonzero:  # Pass 2
         acc.add(task(t), energies[t])
-    result = acc.finish(options, gamma, len(nonzero), keep_preliminary)
-    if result is None:  # float32 rounding would be amplified past the target: pass 2 in float64
-        del acc
-        compute = torch.float64
-        acc = _Accumulator(m, n, compute, device, heterogeneous, options.eps_mode == "relative")
-        for t in nonzero:  # energies in float64 too: the float64 merge of these inputs, exactly
-            x = task(t)
-            acc.add(x, _energy(x))
-        result = acc.finish(options, gamma, len(nonzero), keep_preliminary)
-    return result, dtype
+    return acc.finish(options, gamma, len(nonzero), keep_preliminary), dtype
+
+
+def _solves_in_row_space(num_tasks: int, m: int, n: int) -> bool:
+    """``T d_out <= d_in``: ``Σ_t Σ̂_t`` has rank ``<= T (d_out - 1) < d_in`` and the row-space
+    system (:class:`_RowSums`) is the smaller one."""
+    return num_tasks * m <= n
+
+
+def _compute_dtype(dtype: torch.dtype, options: ACEOptions) -> torch.dtype:
+    return torch.float64 if options.precision == "float64" else compute_dtype_for(dtype)
 
 
 def _validate_stack(stacked: Tensor) -> Tensor:
@@ -540,47 +597,115 @@ def _check_streamed(x, t, shape, dtype, device):
     return tuple(x.shape), dtype, x.device if device is None else device
 
 
-class _Accumulator:
-    """The per-layer sums of Algorithm 1, fed one task vector at a time (pass 2)."""
+class _LayerSums:
+    """What both ways of solving a layer share: centring each task vector, its centred trace and
+    weight, ε and the prior's scale, and the heterogeneous refinement (pass 2)."""
 
     def __init__(self, m: int, n: int, dtype: torch.dtype, device, heterogeneous: bool,
                  track_centred_energy: bool):
         self.m, self.n, self.heterogeneous = m, n, heterogeneous
+        self.dtype, self.device = dtype, device
         self.track_centred_energy = track_centred_energy or heterogeneous
         # s_t at or below this multiple of e_t is the rounding of centring rows that are equal
         self.noise_ratio = (m * torch.finfo(dtype).eps) ** 2
-        zeros = lambda *size: torch.zeros(*size, dtype=dtype, device=device)  # noqa: E731
-        # W̃_t (W̃_tᵀ W̃_t) or (W̃_t W̃_tᵀ) W̃_t: the cheaper association when d_out << d_in
-        self.row_gram = 2 * m < n
-        self.sigma = zeros(n, n)  # Σ_t w_t Σ̂_t (upper blocks only while row_gram accumulates)
-        self.gram_term = zeros(m, n)  # Σ_t w_t W̃_t Σ̂_t
-        self.centred_sum = zeros(m, n)  # Σ_t w_t W̃_t
-        self.centred = torch.empty(m, n, dtype=dtype, device=device)  # scratch: W̃_t
         if heterogeneous:
-            self.task_sum = zeros(m, n)  # Σ_t ΔW_t (tasks used)
-            self.mean_term = zeros(n)  # Σ_t w_t Σ̂_t μ_t
-            self.unusable_means = zeros(n)  # Σ μ_t over tasks with W̃_t = 0 (ΔW_t = 1 μ_tᵀ)
-        self.scale = 1.0  # every weight is scale / s_t (heterogeneous)
-        self.weight_total = 0.0
+            self.unusable_means = self._zeros(n)  # Σ μ_t over tasks with W̃_t = 0 (ΔW_t = 1 μ_tᵀ)
         self.used = 0
         self.energy_used = 0.0  # Σ e_t (uncentred energies) of the tasks used
         self.centred_energy = 0.0  # Σ s_t (centred traces) of the tasks used, when tracked
 
-    def add(self, x: Tensor, energy: float) -> None:
+    def _zeros(self, *size) -> Tensor:
+        return torch.zeros(*size, dtype=self.dtype, device=self.device)
+
+    def _centre(self, x: Tensor, energy: float, out: Tensor) -> tuple[Tensor, float]:
+        """``(μ_t, s_t)`` with ``W̃_t`` written into ``out``; ``s_t = 0`` for a task the
+        heterogeneous branch leaves out (rows all equal), which is then recorded as such."""
         mu = x.mean(dim=0)
-        centred = torch.sub(x, mu, out=self.centred)
-        flat = centred.reshape(-1)
+        flat = torch.sub(x, mu, out=out).reshape(-1)
+        s = 0.0
         if self.track_centred_energy:
             # float32: a float32 dot over d_out d_in terms errs by up to ~1e-6 relative, which the
             # weights 1 / s_t pass on to the merge; the chunked float64 sum does not
             s = float(torch.dot(flat, flat)) if flat.dtype == torch.float64 else _energy(flat)
             if s <= self.noise_ratio * energy:
                 s = 0.0
-            self.centred_energy += s
-        if self.heterogeneous:
-            if s == 0.0:  # rows all equal: no trace normalisation; left out of the system
+            if s == 0.0 and self.heterogeneous:  # no trace normalisation: left out of the system
                 self.unusable_means.add_(mu)
-                return
+                return mu, s
+            self.centred_energy += s
+        self.used += 1
+        self.energy_used += energy
+        return mu, s
+
+    def _average_of_unusable(self, gamma: float, nonzero: int) -> ACELayerResult:
+        """Heterogeneous and no task has centred energy left: the average (rows all equal)."""
+        average = self.unusable_means.div(nonzero).expand(self.m, self.n).clone()
+        return ACELayerResult(average, gamma, True, 0, nonzero, "average")
+
+    def _ridge_and_prior_scale(self, options: ACEOptions) -> tuple[float, float]:
+        """ε and the factor on the prior row ``c`` (1, or ``1 / τ̄`` heterogeneous; Eq. 13).
+
+        ``relative`` (docs/ace_scale_free.md) is the paper's formulas on the layer rescaled to
+        unit mean centred trace ``s̄``: ``ε = eps_rel s̄ / d_in`` and, heterogeneous, the prior over
+        ``τ̄ / s̄`` instead of ``τ̄``; both then scale like the Grams, so the merge is equivariant.
+        """
+        if options.eps_mode == "absolute":
+            prior_scale = self.used / self.energy_used if self.heterogeneous else 1.0
+            return options.eps, prior_scale
+        mean_centred = self.centred_energy / self.used  # s̄
+        if mean_centred == 0.0:  # homogeneous, every W̃_t = 0: W_pre = 0 for any ε > 0
+            return options.eps_rel, 1.0
+        prior_scale = self.centred_energy / self.energy_used if self.heterogeneous else 1.0
+        return options.eps_rel * mean_centred / self.n, prior_scale
+
+    def _result(self, options: ACEOptions, gamma: float, eps: float, preliminary: Tensor,
+                residual: Optional[Tensor], predicted_error: Optional[float],
+                keep_preliminary: bool) -> ACELayerResult:
+        """``W_pre`` (homogeneous), or ``W_pre`` refined by ``W_pre + Δ_res`` (Eqs. 17-19)."""
+        kept = preliminary if keep_preliminary else None
+        if not self.heterogeneous:
+            return ACELayerResult(preliminary, gamma, False, 0, self.used, None, kept, eps,
+                                  float32_error_estimate=predicted_error)
+        fused = residual.add_(preliminary)
+        rank_k = int(min(self.m, self.n) * options.k_frac)
+        merged = preliminary
+        if rank_k > 0:
+            refinement, amplification = _isotropic_top_k(fused, rank_k)
+            merged = preliminary + refinement
+            if predicted_error is not None and math.isfinite(predicted_error):
+                # the refinement passes W_pre's error on, amplified (Daleckii-Krein)
+                merged_norm = float(torch.linalg.norm(merged))
+                ratio = float(torch.linalg.norm(preliminary)) / merged_norm if merged_norm else 1.0
+                predicted_error *= (1.0 + amplification) * ratio
+        return ACELayerResult(merged, gamma, True, rank_k, self.used, None, kept, eps,
+                              float32_error_estimate=predicted_error)
+
+
+class _ColumnSums(_LayerSums):
+    """The ``d_in x d_in`` system ``Σ_t w_t Σ_t,reg`` accumulated one task vector at a time:
+    nothing per task is kept (extra memory O(d_out d_in + d_in²) whatever ``T``)."""
+
+    def __init__(self, m, n, dtype, device, heterogeneous, track_centred_energy):
+        super().__init__(m, n, dtype, device, heterogeneous, track_centred_energy)
+        # W̃_t (W̃_tᵀ W̃_t) or (W̃_t W̃_tᵀ) W̃_t: the cheaper association when d_out << d_in
+        self.row_gram = 2 * m < n
+        self.sigma = self._zeros(n, n)  # Σ_t w_t Σ̂_t (upper blocks only while row_gram adds)
+        self.gram_term = self._zeros(m, n)  # Σ_t w_t W̃_t Σ̂_t
+        self.centred_sum = self._zeros(m, n)  # Σ_t w_t W̃_t
+        self.centred = torch.empty(m, n, dtype=dtype, device=device)  # scratch: W̃_t
+        if heterogeneous:
+            self.task_sum = self._zeros(m, n)  # Σ_t ΔW_t (tasks used)
+            self.mean_term = self._zeros(n)  # Σ_t w_t Σ̂_t μ_t
+        self.scale = 1.0  # every weight is scale / s_t (heterogeneous)
+        self.weight_total = 0.0
+
+    def add(self, x: Tensor, energy: float) -> None:
+        used = self.used
+        mu, s = self._centre(x, energy, self.centred)
+        if self.used == used:  # left out
+            return
+        centred = self.centred
+        if self.heterogeneous:
             w = self.scale / s
             if w > _MAX_WEIGHT:  # a vanishing task vector: rescale what is accumulated
                 self._rescale(_MAX_WEIGHT / w)
@@ -588,9 +713,7 @@ class _Accumulator:
             self.task_sum.add_(x)
         else:
             w = 1.0
-        self.used += 1
         self.weight_total += w
-        self.energy_used += energy
         if self.row_gram:
             _add_gram_upper(self.sigma, centred, w, 0, self.n)
             rows = _gram(centred.T)  # W̃_t W̃_tᵀ, (m, m)
@@ -612,76 +735,176 @@ class _Accumulator:
         self.scale *= factor
 
     def finish(
-        self, options: _Options, gamma: float, nonzero: int, keep_preliminary: bool
-    ) -> Optional[ACELayerResult]:
-        """The merge from the sums; ``None`` when float32 sums are not precise enough for it."""
-        m, n = self.m, self.n
-        if self.used == 0:  # heterogeneous and no task has centred energy left: average
-            average = self.unusable_means.div(nonzero).expand(m, n).clone()
-            return ACELayerResult(average, gamma, True, 0, nonzero, "average")
+        self, options: ACEOptions, gamma: float, nonzero: int, keep_preliminary: bool
+    ) -> ACELayerResult:
+        """The merge from the sums (float32 sums: with the predicted error of float32)."""
+        if self.used == 0:
+            return self._average_of_unusable(gamma, nonzero)
         del self.centred
         sigma = self.sigma
         if self.row_gram:  # only the upper blocks were accumulated
-            sigma = torch.triu(sigma).add_(torch.triu(sigma, diagonal=1).T)
+            _mirror_upper(sigma)
         eps, prior_scale = self._ridge_and_prior_scale(options)
         prior_row = sigma.mean(dim=0).mul_(prior_scale)  # c
         regularised = sigma  # Σ_t w_t Σ_t,reg = Σ_t w_t Σ̂_t + ε Σ_t w_t I
         regularised.diagonal().add_(eps * self.weight_total)
-        factor, predicted_error = None, 0.0
+        residual = None
+        if self.heterogeneous:
+            # Δ_res = Σ_t ΔW_t Σ̃_t - (Σ_t ΔW_t) mean_t Σ_t,reg, with ΔW_t Σ̂_t = W̃_t Σ̂_t +
+            # 1 (Σ̂_t μ_t)ᵀ, divided by the running weight scale (the only term that is not
+            # homogeneous in it). Taken before the numerator reuses gram_term's memory.
+            residual = torch.add(self.gram_term, self.mean_term.unsqueeze(0))
+            residual.addmm_(self.task_sum, regularised, alpha=-1.0 / self.used)
+            residual.div_(self.scale)
+            del self.task_sum
+        factor, predicted_error = None, None
         if regularised.dtype != torch.float64:
             # float32 rounding of the sums is amplified by the system's condition number κ
             factor, info = torch.linalg.cholesky_ex(regularised)
-            if int(info) != 0:
-                return None
-            predicted_error = (_FLOAT32_ERROR_PER_CONDITION * _FLOAT32_EPS
-                               * _condition_estimate(regularised, factor))
-            if predicted_error > _FLOAT32_TARGET:
-                return None
-        if self.heterogeneous:
-            numerator = torch.add(self.gram_term, self.centred_sum, alpha=eps)
-        else:
-            numerator = self.gram_term.add_(self.centred_sum, alpha=eps)
-        del self.centred_sum
+            if int(info) == 0:
+                predicted_error = _float32_error(self.n, _condition_estimate(regularised, factor))
+            else:  # not positive definite in float32: the float64 pseudo-inverse solve below
+                factor, predicted_error = None, math.inf
+        numerator = self.gram_term.add_(self.centred_sum, alpha=eps)
+        del self.centred_sum, self.gram_term
         preliminary = _solve_with_rank_one_prior(numerator, regularised, prior_row, factor)
-        del numerator
-        kept = preliminary if keep_preliminary else None
-        if not self.heterogeneous:
-            return ACELayerResult(preliminary, gamma, False, 0, self.used, None, kept, eps)
+        del numerator, factor, regularised, sigma, self.sigma
+        return self._result(options, gamma, eps, preliminary, residual, predicted_error,
+                            keep_preliminary)
 
-        # Δ_res = Σ_t ΔW_t Σ̃_t - (Σ_t ΔW_t) mean_t Σ_t,reg, with ΔW_t Σ̂_t = W̃_t Σ̂_t + 1 (Σ̂_t μ_t)ᵀ,
-        # divided by the running weight scale (the only term that is not homogeneous in it).
-        residual = self.gram_term
-        residual.add_(self.mean_term.unsqueeze(0))
-        residual.addmm_(self.task_sum, regularised, alpha=-1.0 / self.used)
-        residual.div_(self.scale)
-        fused = residual.add_(preliminary)
-        rank_k = int(min(m, n) * options.k_frac)
-        merged = preliminary
-        if rank_k > 0:
-            refinement, amplification = _isotropic_top_k(fused, rank_k)
-            merged = preliminary + refinement
-            if predicted_error:
-                # the refinement passes W_pre's error on, amplified (Daleckii-Krein)
-                ratio = float(torch.linalg.norm(preliminary)) / float(torch.linalg.norm(merged))
-                if predicted_error * (1.0 + amplification) * ratio > _FLOAT32_TARGET:
-                    return None
-        return ACELayerResult(merged, gamma, True, rank_k, self.used, None, kept, eps)
 
-    def _ridge_and_prior_scale(self, options: _Options) -> tuple[float, float]:
-        """ε and the factor on the prior row ``c`` (1, or ``1 / τ̄`` heterogeneous; Eq. 13).
+class _RowSums(_LayerSums):
+    """The same merge solved in the ``T d_out``-dimensional row space, for layers with
+    ``T d_out <= d_in`` (short and wide: the ``d_in x d_in`` system has rank ``<= T (d_out - 1)``).
 
-        ``relative`` (docs/ace_scale_free.md) is the paper's formulas on the layer rescaled to
-        unit mean centred trace ``s̄``: ``ε = eps_rel s̄ / d_in`` and, heterogeneous, the prior over
-        ``τ̄ / s̄`` instead of ``τ̄``; both then scale like the Grams, so the merge is equivariant.
+    With ``A`` the stacked ``√w_t W̃_t`` (``T d_out x d_in``), ``Σ_t w_t Σ_t,reg = AᵀA + λI``
+    (``λ = ε Σ_t w_t``), ``K = A Aᵀ``, the numerator is ``M A`` with ``M_t = (K_tt + ε w_t I) /
+    √w_t``, and the push-through identity ``A (AᵀA + λI)^-1 = (K + λI)^-1 A`` turns every solve
+    with the ``d_in x d_in`` system into one with ``K + λI``; the prior ``c = Aᵀ a`` (``a`` the
+    scaled row sums of ``A``) stays a Sherman-Morrison update. Algebraically the same merge. The
+    ``d_in``-space null directions of the system, which only ε holds and where float32 rounding
+    of the column form is amplified by ~1/ε, never enter; ``K``'s own near-null directions (the
+    centred rows' ``1``) are met by ``A``'s rows, which are orthogonal to them, so float32 stays
+    accurate. Memory: the ``T`` centred task vectors and two ``T d_out`` square matrices, less than
+    one ``d_in x d_in`` matrix.
+    """
+
+    def __init__(self, m, n, num_tasks, dtype, device, heterogeneous, track_centred_energy):
+        super().__init__(m, n, dtype, device, heterogeneous, track_centred_energy)
+        self.rows = torch.empty(num_tasks * m, n, dtype=dtype, device=device)  # W̃_t, stacked
+        self.means: List[Tensor] = []  # μ_t of the tasks used
+        self.traces: List[float] = []  # s_t of the tasks used (heterogeneous)
+
+    def add(self, x: Tensor, energy: float) -> None:
+        used, m = self.used, self.m
+        mu, s = self._centre(x, energy, self.rows[used * m:(used + 1) * m])
+        if self.used > used:
+            self.means.append(mu)
+            self.traces.append(s)
+
+    def finish(
+        self, options: ACEOptions, gamma: float, nonzero: int, keep_preliminary: bool
+    ) -> ACELayerResult:
+        if self.used == 0:
+            return self._average_of_unusable(gamma, nonzero)
+        m, n, used = self.m, self.n, self.used
+        size = used * m
+        rows = self.rows[:size]  # becomes A
+        if self.heterogeneous:  # w_t = scale / s_t with scale = min s: every w_t <= 1
+            scale = min(self.traces)
+            weights = [scale / s for s in self.traces]
+        else:
+            scale, weights = 1.0, [1.0] * used
+        roots = [math.sqrt(w) for w in weights]
+        for t, root in enumerate(roots):
+            if root != 1.0:
+                rows[t * m:(t + 1) * m].mul_(root)
+        eps, prior_scale = self._ridge_and_prior_scale(options)
+        ridge = eps * sum(weights)  # λ
+        row_sums = rows.sum(dim=1)  # A 1
+        kernel = _gram(rows.T)  # K = A Aᵀ, (T m, T m)
+        blocks = [slice(t * m, (t + 1) * m) for t in range(used)]
+        rhs = torch.empty(size, m + 1, dtype=rows.dtype, device=rows.device)  # [Mᵀ | a]
+        for t, block in enumerate(blocks):
+            torch.div(kernel[block, block], roots[t], out=rhs[block, :m])
+            rhs[block, :m].diagonal().add_(eps * roots[t])
+        torch.mul(row_sums, prior_scale / n, out=rhs[:, m])
+        residual_rows = None
+        if self.heterogeneous:
+            residual_rows, residual_rank_one = self._residual_factors(kernel, rows, blocks,
+                                                                      roots, ridge)
+        kernel.diagonal().add_(ridge)
+        factor, info = torch.linalg.cholesky_ex(kernel)
+        predicted_error = None
+        if int(info) == 0:
+            solved = torch.cholesky_solve(rhs, factor)
+            if rows.dtype != torch.float64:
+                basis = _centred_rows_basis(used, m, rows.dtype, rows.device)
+                predicted_error = _float32_error(n, _condition_estimate(kernel, factor, basis))
+        else:  # not positive definite in the compute dtype: the pseudo-inverse (ε -> 0 limit)
+            solved = _pinv_solve(kernel, rhs)
+            predicted_error = None if rows.dtype == torch.float64 else math.inf
+        del factor, kernel, rhs
+        # W_pre = Y - (Y 1)(S^-1 c)ᵀ / (1 + 1ᵀ S^-1 c), Y = N S^-1 = M (K + λI)^-1 A,
+        # S^-1 c = Aᵀ (K + λI)^-1 a
+        preliminary = solved[:, :m].T @ rows  # Y
+        s_inv_c = rows.T @ solved[:, m]
+        denominator = 1.0 + s_inv_c.sum()
+        preliminary.sub_(torch.outer(preliminary.sum(dim=1), s_inv_c).div_(denominator))
+        residual = None
+        if residual_rows is not None:
+            residual = residual_rows @ rows
+            residual.add_(residual_rank_one.unsqueeze(0)).div_(scale)
+        return self._result(options, gamma, eps, preliminary, residual, predicted_error,
+                            keep_preliminary)
+
+    def _residual_factors(self, kernel: Tensor, rows: Tensor, blocks, roots, ridge: float):
+        """``Q`` (``d_out x T d_out``) and ``v`` with ``Δ_res · scale = Q A + 1 vᵀ``.
+
+        ``Σ_t w_t ΔW_t Σ̂_t = Σ_t (K_tt / √w_t) A_t + 1 (Σ_t A_tᵀ A_t μ_t)ᵀ`` and
+        ``(Σ_t ΔW_t)(AᵀA + λI) = (Σ_s K_s,: / √w_s) A + 1 (Aᵀ A μ̄)ᵀ + λ Σ_t ΔW_t`` with
+        ``Σ_t ΔW_t = Σ_t A_t / √w_t + 1 μ̄ᵀ`` and ``μ̄ = Σ_t μ_t`` (tasks used).
         """
-        if options.eps_mode == "absolute":
-            prior_scale = self.used / self.energy_used if self.heterogeneous else 1.0
-            return options.eps, prior_scale
-        mean_centred = self.centred_energy / self.used  # s̄
-        if mean_centred == 0.0:  # homogeneous, every W̃_t = 0: W_pre = 0 for any ε > 0
-            return options.eps_rel, 1.0
-        prior_scale = self.centred_energy / self.energy_used if self.heterogeneous else 1.0
-        return options.eps_rel * mean_centred / self.n, prior_scale
+        used = self.used
+        mean_sum = torch.stack(self.means).sum(dim=0)  # μ̄
+        factors = torch.zeros(self.m, kernel.shape[0], dtype=rows.dtype, device=rows.device)
+        for s, block in enumerate(blocks):  # - (1/T) Σ_s K_s,: / √w_s
+            factors.add_(kernel[block], alpha=-1.0 / (used * roots[s]))
+        rank_one = rows.T @ (rows @ mean_sum)  # Aᵀ A μ̄
+        rank_one.mul_(-1.0 / used).add_(mean_sum, alpha=-ridge / used)
+        for t, block in enumerate(blocks):
+            factors[:, block].add_(kernel[block, block], alpha=1.0 / roots[t])
+            factors[:, block].diagonal().sub_(ridge / (used * roots[t]))
+            a_t = rows[block]
+            rank_one.add_(a_t.T @ (a_t @ self.means[t]))
+        return factors, rank_one
+
+
+def _float32_error(n: int, condition: float) -> float:
+    """Predicted relative float32 error of ``W_pre``: ``3 u (κ_est + √d_in)`` (the second term:
+    rounding of the length-``d_in`` sums themselves, which κ does not amplify)."""
+    return _FLOAT32_ERROR_PER_CONDITION * _FLOAT32_EPS * (condition + math.sqrt(n))
+
+
+def _mirror_upper(square: Tensor, block: int = 1024) -> None:
+    """Copy the strict upper triangle of ``square`` onto its lower one, in place, a block of
+    columns at a time (no full-size temporary)."""
+    n = square.shape[0]
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        if lo:
+            square[lo:hi, :lo] = square[:lo, lo:hi].T
+        piece = square[lo:hi, lo:hi]
+        piece.copy_(torch.triu(piece) + torch.triu(piece, diagonal=1).T)
+
+
+def _centred_rows_basis(num_tasks: int, m: int, dtype, device) -> Tensor:
+    """An orthonormal basis of the directions of ``K = A Aᵀ`` that centring annihilates (a
+    constant vector per task block), ``(T m, T)``."""
+    basis = torch.zeros(num_tasks * m, num_tasks, dtype=dtype, device=device)
+    for t in range(num_tasks):
+        basis[t * m:(t + 1) * m, t] = 1.0 / math.sqrt(m)
+    return basis
 
 
 def _gram(x: Tensor) -> Tensor:
@@ -772,23 +995,31 @@ def _refinement_amplification(singular: Tensor, k: int, m: int, n: int) -> float
     return float(top.mean()) * math.sqrt(total) / math.sqrt(m * n)
 
 
-def _condition_estimate(spd: Tensor, factor: Tensor) -> float:
+def _condition_estimate(spd: Tensor, factor: Tensor, known_null: Optional[Tensor] = None
+                        ) -> float:
     """``λ_max / λ_min`` of ``spd`` (Cholesky ``factor``), from power and inverse iterations.
 
     Rayleigh quotients after a few iterations from a fixed random start (deterministic): each
     bound moves inward, so the estimate is at most the true condition number (measured 0.6-1.0
-    of it on the embedded tracks' layers after 10 iterations).
+    of it on the embedded tracks' layers after 10 iterations). ``known_null``: orthonormal
+    columns spanning directions left out of ``λ_min`` (those the solve's right-hand sides do not
+    reach; see :class:`_RowSums`).
     """
     n = spd.shape[0]
     generator = torch.Generator(device=spd.device).manual_seed(0)
     top, bottom = torch.randn(2, n, generator=generator, dtype=spd.dtype,
                               device=spd.device).unbind(0)
+
+    def deflate(v: Tensor) -> Tensor:
+        return v if known_null is None else v - known_null @ (known_null.T @ v)
+
+    bottom = deflate(bottom)
     for _ in range(_CONDITION_ITERATIONS):
         top = spd @ top
         top /= torch.linalg.vector_norm(top)
         # two triangular solves: cholesky_solve copies the factor on every call (40 ms at 3072)
         half = torch.linalg.solve_triangular(factor, bottom.unsqueeze(1), upper=False)
-        bottom = torch.linalg.solve_triangular(factor.T, half, upper=True).squeeze(1)
+        bottom = deflate(torch.linalg.solve_triangular(factor.T, half, upper=True).squeeze(1))
         bottom /= torch.linalg.vector_norm(bottom)
     largest = float(torch.dot(top, spd @ top))
     smallest = float(torch.dot(bottom, spd @ bottom))
