@@ -13,15 +13,17 @@ from omegaconf import OmegaConf
 from tiny_llama import build_tiny_llama_pool
 
 from fusion_bench_ace import ACEMerging
+from fusion_bench_ace.algorithms.nan import TiesMergingNANAlgorithm
 from fusion_bench_ace.engine.distributed import (
     balanced_owners,
-    matrix_cost,
-    parameter_cost,
     plan_costs,
     work_per_rank,
     world_from_env,
 )
+from fusion_bench_ace.engine.driver import ParameterPlan
 from fusion_bench_ace.engine.io.writer import ShardedSafetensorsWriter, TensorSpec
+from fusion_bench_ace.methods.ace import ACE, ACEOptions
+from fusion_bench_ace.methods.nan import TiesMergingNAN
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))
@@ -31,15 +33,16 @@ LLM_EXCLUDES = [".*embed_tokens.*", ".*lm_head.*"]
 # --- the partition --------------------------------------------------------------------------------
 
 
-def test_costs_are_aces_flops_for_matrices_and_a_pass_for_the_rest():
-    assert matrix_cost((6, 4), 3) == 3 * 6 * 4 ** 2
-    assert parameter_cost((6, 4), 3, "matrix") == matrix_cost((6, 4), 3)
-    assert parameter_cost((6, 4), 3, "average") == 3 * 24
-    assert parameter_cost((5,), 3, "kept") == 5
-    with pytest.raises(ValueError, match="matrix, average or kept"):
-        parameter_cost((5,), 3, "ace")
-    shapes = {"w": (6, 4), "b": (6,), "e": (10, 4)}
-    assert plan_costs(shapes, ["w"], ["b"], 3) == [matrix_cost((6, 4), 3), 18.0, 40.0]
+def test_costs_are_the_methods_estimates_for_merged_parameters_and_a_pass_for_the_rest():
+    ace = ACE(ACEOptions())
+    assert ace.cost((6, 4), 3) == 3 * 6 * 4 ** 2  # the T covariances
+    assert ace.cost((2, 40), 3) == 3 * 2 * 40 * (3 * 2 + 2 * 2)  # solved in the row space
+    shapes = [("w", (6, 4)), ("b", (6,)), ("e", (10, 4))]
+    plan = ParameterPlan(merge=("w",), average=("b",), skip=("e",))
+    assert plan_costs(shapes, plan, ace, 3) == [3 * 6 * 4 ** 2, 18.0, 40.0]
+    # a method with statistics passes reads a merged parameter once per pass and once to merge
+    ties = TiesMergingNAN(["a", "b", "c"], granularity="layer")
+    assert plan_costs(shapes, plan, ties, 3)[0] == 3 * 24 * (ties.statistics_passes + 1)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
@@ -101,10 +104,18 @@ def tiny_pool(tmp_path_factory):
     return build_tiny_llama_pool(tmp_path_factory.mktemp("llama"), dtype=torch.float32)
 
 
-def test_torchrun_with_two_gloo_processes_writes_the_one_process_checkpoint(tiny_pool, tmp_path):
+SINGLE = {  # the one-process merge of each method= config below
+    "ace_llama": lambda: ACEMerging(exclude_keys=LLM_EXCLUDES, diagnostics=False),
+    "ties_merging_nan": lambda: TiesMergingNANAlgorithm(),  # statistics passes across ranks
+}
+
+
+@pytest.mark.parametrize("method", list(SINGLE))
+def test_torchrun_with_two_gloo_processes_writes_the_one_process_checkpoint(tiny_pool, tmp_path,
+                                                                             method):
     from fusion_bench.modelpool import CausalLMPool
 
-    single = ACEMerging(exclude_keys=LLM_EXCLUDES, diagnostics=False)
+    single = SINGLE[method]()
     pool = CausalLMPool(**{k: v for k, v in OmegaConf.create(tiny_pool).items()
                            if k != "_target_"})
     threads = torch.get_num_threads()
@@ -120,7 +131,7 @@ def test_torchrun_with_two_gloo_processes_writes_the_one_process_checkpoint(tiny
     target, log_dir = tmp_path / "two", tmp_path / "log"
     command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--no-python", FUSION_BENCH,
                "--config-name", "ace_model_fusion", "--config-dir", str(tmp_path / "config"),
-               "method=ace_llama", "modelpool=tiny_llama_test", "~taskpool",
+               f"method={method}", "modelpool=tiny_llama_test", "~taskpool",
                f"path.log_dir={log_dir}", f"merged_model_save_path={target}",
                "+merged_model_save_kwargs.max_shard_size=3KB"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -133,10 +144,12 @@ def test_torchrun_with_two_gloo_processes_writes_the_one_process_checkpoint(tiny
     assert files == sorted(p.name for p in target.iterdir())
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (target / name).read_bytes(), name
-    # rank 0 gathered every rank's layers, in one process's order
-    layers = json.loads((log_dir / "ace_diagnostics.json").read_text())["layers"]
-    assert [row["name"] for row in layers] == [row["name"] for row in single.layer_info]
-    assert [row["gamma"] for row in layers] == [row["gamma"] for row in single.layer_info]
+    if method == "ace_llama":  # rank 0 gathered every rank's layers, in one process's order
+        layers = json.loads((log_dir / "ace_diagnostics.json").read_text())["layers"]
+        assert layers == json.loads(json.dumps(single.layer_info))
+    else:  # the statistics of both ranks gave the one process's coefficients and threshold
+        data = json.loads((log_dir / "nan_coefficients.json").read_text())
+        assert list(data["alpha"].values()) == single.coefficients.alpha.tolist()
     assert json.loads((log_dir / "merge_stats.json").read_text())["processes"] == 2
 
 

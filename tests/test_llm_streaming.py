@@ -54,19 +54,33 @@ def tied_pool(tmp_path_factory):
                                  tie=True)
 
 
-@pytest.mark.parametrize("exclude", [[], LLM_EXCLUDES])
-def test_streamed_checkpoint_is_the_in_memory_merge_bit_for_bit(bf16_pool, tmp_path, exclude):
+METHODS = {  # every per-tensor method of the plugin, as configured for an LLM
+    "ace": lambda **kw: ace(**kw),
+    "ace_llama": lambda **kw: ace(exclude_keys=LLM_EXCLUDES, **kw),
+    "task_arithmetic_nan": lambda **kw: TaskArithmeticNANAlgorithm(**kw),
+    "task_arithmetic_nan_layer": lambda **kw: TaskArithmeticNANAlgorithm(
+        granularity="layer", **kw),
+    "ties_merging_nan": lambda **kw: TiesMergingNANAlgorithm(**kw),
+    "ties_merging_nan_layer_mean": lambda **kw: TiesMergingNANAlgorithm(
+        granularity="layer", merge_func="mean", remove_keys=LLM_EXCLUDES, **kw),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_streamed_checkpoint_is_the_in_memory_merge_bit_for_bit(bf16_pool, tmp_path, method):
     assert (Path(bf16_pool["models"]["math"]) / "model.safetensors.index.json").is_file()
     target = tmp_path / "merged"
-    streamed = ace(exclude_keys=exclude, streaming="true")
+    streamed = METHODS[method](streaming="true")
     assert streamed.merge_to_checkpoint(causal_lm_pool(bf16_pool), target, max_shard_size="3KB")
-    algorithm = ace(exclude_keys=exclude, streaming="false")
+    algorithm = METHODS[method](streaming="false")
     in_memory = algorithm.run(causal_lm_pool(bf16_pool))
     expected = in_memory.state_dict()
     assert next(in_memory.parameters()).dtype == torch.bfloat16
-    # same layers, same branches (visited in the checkpoint's order, not the model's)
-    assert sorted(streamed.layer_info, key=lambda r: r["name"]) == \
-        sorted(algorithm.layer_info, key=lambda r: r["name"])
+    if method.startswith("ace"):  # same layers, same branches (visited in each one's order)
+        assert sorted(streamed.layer_info, key=lambda r: r["name"]) == \
+            sorted(algorithm.layer_info, key=lambda r: r["name"])
+    else:  # the same coefficients, whatever order the parameters were read in
+        assert streamed.coefficients.to_dict()["alpha"] == algorithm.coefficients.to_dict()["alpha"]
 
     written = checkpoint_tensors(target)
     assert written.keys() == expected.keys()
@@ -235,9 +249,9 @@ def test_an_interrupted_write_leaves_nothing_from_pretrained_accepts(bf16_pool, 
 
 def test_a_killed_write_leaves_no_config(bf16_pool, tmp_path, monkeypatch):
     """Killed mid-write (no cleanup runs), the staged directory has shards but no config.json."""
-    import fusion_bench_ace.algorithms.ace as adapter
+    import fusion_bench_ace.algorithms.base as base_adapter
 
-    monkeypatch.setattr(adapter, "write_model_files", lambda *a: (_ for _ in ()).throw(
+    monkeypatch.setattr(base_adapter, "write_model_files", lambda *a: (_ for _ in ()).throw(
         SystemExit("killed")))
     monkeypatch.setattr("fusion_bench_ace.atomic._remove", lambda path: None)
     with pytest.raises(SystemExit):
@@ -288,13 +302,14 @@ def test_nan_methods_merge_a_causal_lm_pool(bf16_pool, cls):
 # --- the command -------------------------------------------------------------------------------
 
 
-def test_fusion_bench_streams_the_merge_to_disk_without_a_task_pool(bf16_pool, tmp_path):
+@pytest.mark.parametrize("method", ["ace_llama", "task_arithmetic_nan", "ties_merging_nan"])
+def test_fusion_bench_streams_the_merge_to_disk_without_a_task_pool(bf16_pool, tmp_path, method):
     config_dir = tmp_path / "config" / "modelpool"
     config_dir.mkdir(parents=True)
     (config_dir / "tiny_llama_test.yaml").write_text(json.dumps(bf16_pool))
     target = tmp_path / "out" / "merged"
     command = [FUSION_BENCH, "--config-name", "ace_model_fusion", "--config-dir",
-               str(tmp_path / "config"), "method=ace_llama", "modelpool=tiny_llama_test",
+               str(tmp_path / "config"), f"method={method}", "modelpool=tiny_llama_test",
                "~taskpool", f"path.log_dir={tmp_path / 'log'}", f"merged_model_save_path={target}",
                "+merged_model_save_kwargs.max_shard_size=3KB"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -302,7 +317,7 @@ def test_fusion_bench_streams_the_merge_to_disk_without_a_task_pool(bf16_pool, t
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "wrote the merged model to" in done.stdout + done.stderr
     assert (target / "model.safetensors.index.json").is_file()
-    expected = ace(exclude_keys=LLM_EXCLUDES).run(causal_lm_pool(bf16_pool)).state_dict()
+    expected = METHODS[method]().run(causal_lm_pool(bf16_pool)).state_dict()
     written = checkpoint_tensors(target)
     assert written.keys() == expected.keys()
     assert all(torch.equal(written[k], expected[k]) for k in expected)

@@ -12,6 +12,7 @@ from fusion_bench_ace.engine.driver import (
     merged_tensors,
     plan_parameters,
 )
+from fusion_bench_ace.methods.base import KEEP, MERGE, TensorMergeMethod
 
 
 class TiedModel(nn.Module):
@@ -40,22 +41,36 @@ def models(seed=0, num_experts=3):
     return pretrained, experts
 
 
-def weighted_sum(task_vectors, name):
-    weights = torch.arange(1, task_vectors.shape[0] + 1, dtype=task_vectors.dtype)
-    return torch.einsum("t,t...->...", weights, task_vectors) / weights.sum()
+class WeightedSum(TensorMergeMethod):
+    """A toy per-tensor method: the task vectors weighted 1, 2, ..., T."""
+
+    name = "weighted_sum_test"
+
+    def __init__(self, scaling_factor=1.0, keep=()):
+        self.scaling_factor, self.keep, self.seen = scaling_factor, set(keep), []
+
+    def treatment(self, name, shape, dtype):
+        return KEEP if name in self.keep else super().treatment(name, shape, dtype)
+
+    def merge(self, name, task_vectors, base):
+        self.seen.append(name)
+        weights = torch.arange(1, task_vectors.shape[0] + 1, dtype=task_vectors.dtype)
+        return torch.einsum("t,t...->...", weights, task_vectors) / weights.sum()
 
 
 def test_in_place_equals_the_merge_collected_then_loaded():
     pretrained, experts = models()
     reference_model = copy.deepcopy(pretrained)
-    plan = plan_parameters(pretrained.state_dict())
+    method = WeightedSum(scaling_factor=0.7)
+    plan = plan_parameters(pretrained.state_dict(), method)
+    assert MERGE == "merge" and "steps" in plan.skip  # an integer buffer
     collected = {name: tensor.clone() for name, tensor in merged_tensors(
-        reference_model.state_dict(), experts, weighted_sum, plan, scaling_factor=0.7)}
+        reference_model.state_dict(), experts, method, plan)}
     reference_model.load_state_dict(collected)
 
     state = pretrained.state_dict()
     pointers = {name: tensor.data_ptr() for name, tensor in state.items()}
-    merge_in_place(state, experts, weighted_sum, plan, scaling_factor=0.7)
+    merge_in_place(state, experts, method, plan)
     after = pretrained.state_dict()
     assert {name: tensor.data_ptr() for name, tensor in after.items()} == pointers
     for name, tensor in reference_model.state_dict().items():
@@ -66,31 +81,27 @@ def test_in_place_equals_the_merge_collected_then_loaded():
 
 def test_tied_weights_are_merged_once():
     pretrained, experts = models()
-    plan = plan_parameters(pretrained.state_dict())
+    method = WeightedSum()
+    plan = plan_parameters(pretrained.state_dict(), method)
     names = distinct_storage_names(pretrained.state_dict(), plan)
     assert "embed.weight" in names and "head.weight" not in names
-    seen = []
-
-    def record(task_vectors, name):
-        seen.append(name)
-        return task_vectors.mean(dim=0)
-
-    merge_in_place(pretrained.state_dict(), experts, record, plan)
-    assert seen.count("embed.weight") == 1 and "head.weight" not in seen
+    merge_in_place(pretrained.state_dict(), experts, method, plan)
+    assert method.seen.count("embed.weight") == 1 and "head.weight" not in method.seen
 
 
 def test_tied_weights_planned_differently_are_refused():
     pretrained, experts = models()
-    plan = plan_parameters(pretrained.state_dict(), exclude_keys=["head"])
+    method = WeightedSum(keep=["head.weight"])
+    plan = plan_parameters(pretrained.state_dict(), method)
     before = copy.deepcopy(pretrained.state_dict())
     with pytest.raises(ValueError, match="'head.weight' and 'embed.weight' are tied"):
-        merge_in_place(pretrained.state_dict(), experts, weighted_sum, plan)
+        merge_in_place(pretrained.state_dict(), experts, method, plan)
     assert all(torch.equal(before[k], v) for k, v in pretrained.state_dict().items())
 
 
 def test_overlapping_views_are_refused():
     storage = torch.randn(10)
     state = {"a": storage[:6].view(2, 3), "b": storage[4:].view(2, 3)}
-    plan = plan_parameters(state)
+    plan = plan_parameters(state, WeightedSum())
     with pytest.raises(ValueError, match="overlap"):
         distinct_storage_names(state, plan)

@@ -588,7 +588,9 @@ def test_cli_ties_merging_nan_on_tiny_gpt2(tmp_path):
         keys,
         norm_target="task_vector",
     )
-    assert data["alpha"] == pytest.approx(dict(zip(TASKS, expected.alpha.tolist())), rel=1e-12)
+    # the streamed unit takes the norms of the task vectors it merges (float32, as the weights):
+    # the float64 differences of compute_nan_coefficients agree to their float32 rounding
+    assert data["alpha"] == pytest.approx(dict(zip(TASKS, expected.alpha.tolist())), rel=1e-9)
 
     in_process = TiesMergingNANAlgorithm(norm_target="task_vector").run(
         BaseModelPool({"_pretrained_": pretrained, **experts})

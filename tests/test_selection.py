@@ -12,6 +12,7 @@ from fusion_bench_ace import ACEMerging
 from fusion_bench_ace.algorithms.nan import TaskArithmeticNANAlgorithm, TiesMergingNANAlgorithm
 from fusion_bench_ace.engine.driver import plan_parameters
 from fusion_bench_ace.engine.selection import NamePatterns
+from fusion_bench_ace.methods.ace import ACE, ACEOptions
 
 STATE = {
     "h.0.attn.weight": torch.zeros(4, 4),
@@ -49,19 +50,22 @@ def test_invalid_regex_names_the_option():
             ACEMerging(**{option: ["*bad"]})  # at configuration, before any model is loaded
 
 
+def ace_unit(exclude=(), average=()):
+    return ACE(ACEOptions(), exclude=NamePatterns.compile(exclude, "exclude_keys"),
+               average=NamePatterns.compile(average, "average_keys"))
+
+
 def test_plan_sorts_parameters_by_the_patterns():
-    plan = plan_parameters(STATE, exclude_keys=[".*score.*"], average_keys=[".*text_projection.*"],
+    plan = plan_parameters(STATE, ace_unit([".*score.*"], [".*text_projection.*"]),
                            transpose_keys=["h.1.attn.weight"])
-    assert plan.matrix == ("h.0.attn.weight", "h.1.attn.weight", "h.10.attn.weight")
+    assert plan.merge == ("h.0.attn.weight", "h.1.attn.weight", "h.10.attn.weight")
     assert plan.average == ("h.0.attn.bias", "text_projection.weight")
     assert plan.skip == ("score.weight", "position_ids")
     assert plan.transpose == frozenset({"h.1.attn.weight"})
     with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.matrix = ()
-    compiled = NamePatterns.compile([".*score.*"], "exclude_keys")
-    assert plan_parameters(STATE, exclude_keys=compiled).skip == plan.skip
+        plan.merge = ()
     with pytest.raises(ValueError, match="no parameter left to merge"):
-        plan_parameters(STATE, exclude_keys=[".*"])
+        plan_parameters(STATE, ace_unit([".*"]))
 
 
 def _pool(num_experts=3):

@@ -63,15 +63,22 @@ def worker(paths: Dict[str, str], settings: dict, out: str, result_dir: str) -> 
     method = ACEMerging(eps=settings["eps"], tau=settings["tau"], k_frac=settings["k_frac"],
                         exclude_keys=settings["exclude_keys"], diagnostics=False,
                         streaming="true")
-    merge_matrix, matrix_times = method._merge_matrix, []
+    build, matrix_times = method.build_method, []
 
-    def timed_merge_matrix(task_vectors, name):
-        start = time.perf_counter()
-        merged = merge_matrix(task_vectors, name)
-        matrix_times.append((list(merged.shape), time.perf_counter() - start))
-        return merged
+    def timed_build(expert_names):
+        unit = build(expert_names)
+        merge = unit.merge
 
-    method._merge_matrix = timed_merge_matrix
+        def timed_merge(name, task_vectors, base):
+            start = time.perf_counter()
+            merged = merge(name, task_vectors, base)
+            matrix_times.append((list(merged.shape), time.perf_counter() - start))
+            return merged
+
+        unit.merge = timed_merge
+        return unit
+
+    method.build_method = timed_build
     pool = CausalLMPool(models=dict(paths), tokenizer=None,
                         model_kwargs={"torch_dtype": settings["dtype"]})
     start = time.perf_counter()
@@ -82,7 +89,7 @@ def worker(paths: Dict[str, str], settings: dict, out: str, result_dir: str) -> 
                                      "tensors": None}
     record = {**partition, "rank": rank, "merge_seconds": seconds,
               "ace_matrix_seconds": sum(t for _, t in matrix_times), "matrix_times": matrix_times,
-              "ace_matrices": len(method.layer_info),
+              "ace_matrices": len(matrix_times),
               "torch_threads": torch.get_num_threads()}
     Path(result_dir, f"rank_{rank}.json").write_text(json.dumps(record))
 
@@ -204,8 +211,13 @@ def render(report: dict) -> str:
 
 def _cost_model_lines(runs: List[dict], num_tasks: int) -> List[str]:
     """ACE's time per matrix shape (median over the 1-process runs' matrices) against the
-    partition's estimate: the check of :func:`fusion_bench_ace.engine.distributed.matrix_cost`."""
-    from ..engine.distributed import matrix_cost
+    partition's estimate: the check of :meth:`fusion_bench_ace.methods.ace.ACE.cost`."""
+    from ..methods.ace import ACE, ACEOptions
+
+    unit = ACE(ACEOptions())
+
+    def matrix_cost(shape, tasks):
+        return unit.cost(shape, tasks)
 
     times: Dict[tuple, List[float]] = {}
     for run in runs:

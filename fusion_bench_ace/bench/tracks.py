@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ..engine.driver import plan_parameters, stacked_task_vectors
 from ..engine.io.reader import safetensors_files
-from ..methods.ace import ace_merge_layer_with_info
+from ..engine.selection import NamePatterns
+from ..methods.ace import ACE, ACEOptions, ace_merge_layer_with_info
 from ..paths import config_dir
 
 OPTION_KEYS = ("eps", "tau", "k_frac", "eps_mode", "eps_rel", "gamma_mode", "tau_scale_free")
@@ -70,10 +71,12 @@ def track_precision(track: str, preset: str, device: torch.device, log=print) ->
     options = {k: settings[k] for k in OPTION_KEYS}
     pretrained = load_checkpoint(directory / "pretrained")
     experts = {p.name: load_checkpoint(p) for p in sorted((directory / "experts").iterdir())}
-    plan = plan_parameters(pretrained, exclude_keys=settings["exclude_keys"],
-                           average_keys=settings["average_keys"])
+    unit = ACE(ACEOptions(**options),
+               exclude=NamePatterns.compile(settings["exclude_keys"], "exclude_keys"),
+               average=NamePatterns.compile(settings["average_keys"], "average_keys"))
+    plan = plan_parameters(pretrained, unit)
     layers: List[dict] = []
-    for name in plan.matrix:
+    for name in plan.merge:
         stacked = stacked_task_vectors(name, pretrained[name], experts, device=device,
                                        dtype=torch.float32)
         single, seconds_32 = _timed(lambda: ace_merge_layer_with_info(stacked, **options))

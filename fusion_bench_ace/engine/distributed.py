@@ -2,10 +2,10 @@
 
 Under ``torchrun --nproc-per-node N`` every process runs the same merge; :func:`balanced_owners`
 gives each parameter to one rank so that the ranks' estimated work is as even as a greedy
-longest-first assignment makes it (ACE's cost of a ``d_out x d_in`` matrix of ``T`` experts is
-taken as its ``T`` covariances' ``T d_out d_in²`` multiply-adds; other parameters cost one pass
-over their ``T`` copies). The assignment depends only on the names,
-shapes and ``N``, so every rank computes the same one without talking to the others.
+longest-first assignment makes it (each method estimates its own work per parameter, e.g. ACE's
+``T d_out d_in²`` covariances; averaged parameters cost one pass over their ``T`` copies). The
+assignment depends only on the names, shapes and ``N``, so every rank computes the same one
+without talking to the others.
 
 :class:`Ranks` is the process group torchrun's environment describes (``torch.distributed``,
 gloo on CPUs, NCCL on GPUs): barriers and gathering small Python objects (the diagnostics), no
@@ -23,44 +23,29 @@ import torch
 
 T = TypeVar("T")
 
-__all__ = [
-    "Ranks", "balanced_owners", "matrix_cost", "parameter_cost", "plan_costs", "work_per_rank",
-    "world_from_env",
-]
+__all__ = ["Ranks", "balanced_owners", "plan_costs", "work_per_rank", "world_from_env"]
 
 
-def matrix_cost(shape: Sequence[int], num_tasks: int) -> float:
-    """ACE's estimated work for a ``(d_out, d_in)`` parameter of ``num_tasks`` experts: the
-    multiply-adds of the ``T`` covariances. The ``d_in³`` of the solve and the refinement is left
-    out on purpose: timed per GPT-2 shape (``python -m fusion_bench_ace.bench.distributed``, its
-    per-shape table), the Gram term alone predicts the CPU time within 15 %, while adding ``d_in³``
-    overweights wide matrices (768 x 3072: 2x) and left two ranks 1.22x apart."""
-    d_out, d_in = shape[-2], shape[-1]
-    return float(num_tasks) * d_out * d_in ** 2
-
-
-def parameter_cost(shape: Sequence[int], num_tasks: int, how: str) -> float:
-    """Estimated work for one parameter merged ``how``: ``matrix`` (ACE), ``average`` (a pass
-    over its ``T`` copies) or ``kept`` (its pretrained value copied)."""
-    if how == "matrix":
-        return matrix_cost(shape, num_tasks)
-    numel = 1
-    for size in shape:
-        numel *= size
-    if how == "average":
-        return float(num_tasks * numel)
-    if how == "kept":
-        return float(numel)
-    raise ValueError(f"how must be matrix, average or kept; got {how!r}")
-
-
-def plan_costs(shapes: Mapping[str, Sequence[int]], matrix: Sequence[str],
-               average: Sequence[str], num_tasks: int) -> List[float]:
-    """:func:`parameter_cost` of every name of ``shapes`` (in its order), merged as planned."""
-    matrix, average = set(matrix), set(average)
-    return [parameter_cost(shape, num_tasks, "matrix" if name in matrix else
-                           "average" if name in average else "kept")
-            for name, shape in shapes.items()]
+def plan_costs(named_shapes: Sequence[Tuple[str, Sequence[int]]], plan, method,
+               num_tasks: int) -> List[float]:
+    """Estimated work of every ``(name, shape)`` (in its order) merged as ``plan`` says: the
+    method's :meth:`~fusion_bench_ace.methods.base.TensorMergeMethod.cost` for merged parameters
+    (times its statistics passes plus one, which read the parameter again), one pass over the
+    ``T`` copies for averaged ones, the pretrained value copied for kept ones."""
+    merge, average = set(plan.merge), set(plan.average)
+    reads = method.statistics_passes + 1
+    costs = []
+    for name, shape in named_shapes:
+        numel = 1
+        for size in shape:
+            numel *= size
+        if name in merge:
+            costs.append(max(method.cost(shape, num_tasks), float(num_tasks * numel) * reads))
+        elif name in average:
+            costs.append(float(num_tasks * numel))
+        else:
+            costs.append(float(numel))
+    return costs
 
 
 def balanced_owners(costs: Sequence[float], world_size: int) -> List[int]:
@@ -165,6 +150,32 @@ class Ranks:
             raise RuntimeError(f"rank(s) {sorted(others)} of the merge failed: "
                                + "; ".join(f"{rank}: {why}" for rank, why in others.items()))
         return result
+
+    def all_gather(self, value) -> list:
+        """Every rank's ``value`` (picklable) on every rank, in rank order."""
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def all_reduce_sum(self, tensors: Mapping[str, "torch.Tensor"]) -> dict:
+        """``{key: the sum over ranks}`` of integer tensors (exact whatever the order); a key
+        some rank lacks (it had nothing to add) counts as zeros there. On the CPU."""
+        import torch.distributed as dist
+
+        layouts = {}
+        for held in self.all_gather({key: (tuple(value.shape), value.dtype)
+                                     for key, value in tensors.items()}):
+            layouts.update(held)
+        summed = {}
+        for key in sorted(layouts):
+            shape, dtype = layouts[key]
+            value = tensors[key] if key in tensors else torch.zeros(shape, dtype=dtype)
+            value = value.to(self.device).clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            summed[key] = value.to("cpu")
+        return summed
 
     def gather(self, value) -> Optional[list]:
         """Every rank's ``value`` (picklable) on rank 0, in rank order; ``None`` elsewhere."""

@@ -1,19 +1,22 @@
-"""Model-level merging driver: walk the parameters, merge each one with a per-tensor function.
+"""The engine's driver: walk the parameters, merge each with the method's per-tensor unit.
 
-MergeKit-style: a merge method is a per-tensor function ``(task_vectors (T, *shape), name) ->
-merged task vector``; this module decides which parameters are merged how, checks the experts
-against the pretrained model before any heavy work, and streams tensor by tensor over
+MergeKit-style: a merge method is a :class:`~fusion_bench_ace.methods.base.TensorMergeMethod`
+(each parameter merged, averaged or kept; one parameter's task vectors merged at a time). This
+module plans which parameters are merged how, checks the experts against the pretrained model
+before any heavy work, runs the method's statistics passes, and streams tensor by tensor over
 ``Mapping[str, Tensor]`` checkpoints (in-memory state dicts or lazy ones), so a lazy source keeps
 only one parameter's task vectors in memory. Each merged tensor goes where it belongs as soon as it
 is computed: into the pretrained model's own storage (:func:`merge_in_place`) or into a checkpoint
-file (:mod:`fusion_bench_ace.engine.io.writer`), so no second model is ever built. No FusionBench
-import.
+directory (:func:`merge_into_directory`, the merge split across torchrun processes when there are
+several), so no second model is ever built. No FusionBench import.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import (
     Callable,
     Dict,
@@ -30,57 +33,48 @@ from typing import (
 import torch
 from torch import Tensor
 
+from ..atomic import staged_path
+from ..methods.base import AVERAGE, KEEP, MERGE, TensorMergeMethod
 from ..methods.tensors import check_finite, compute_dtype_for
+from .distributed import Ranks, balanced_owners, plan_costs, work_per_rank
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, TensorSpec
-from .selection import NamePatterns
 
 StateDict = Mapping[str, Tensor]
-TensorMerge = Callable[[Tensor, str], Tensor]
-"""``(task vectors stacked as (T, *shape) in the compute dtype, parameter name) -> merged``."""
+Progress = Callable[[Iterable[str]], Iterable[str]]
 
 
 @dataclass(frozen=True)
 class ParameterPlan:
     """How each parameter of the pretrained model is merged."""
 
-    matrix: Tuple[str, ...] = ()
-    """2-D weights merged by the matrix method (ACE)."""
+    merge: Tuple[str, ...] = ()
+    """Merged by the method's :meth:`~fusion_bench_ace.methods.base.TensorMergeMethod.merge`."""
     average: Tuple[str, ...] = ()
-    """Merged by averaging their task vectors (1-D, >2-D, and ``average_keys``)."""
+    """Merged by averaging their task vectors."""
     skip: Tuple[str, ...] = ()
-    """Kept at their pretrained value (``exclude_keys``, integer buffers)."""
+    """Kept at their pretrained value (excluded by the method's options, integer buffers)."""
     transpose: FrozenSet[str] = frozenset()
-    """Matrix weights stored ``d_in x d_out`` (GPT-2 Conv1D) that are transposed for the merge."""
+    """Weights stored ``d_in x d_out`` (GPT-2 Conv1D) that are transposed for the merge."""
 
 
 def plan_parameters(
-    pretrained: StateDict,
-    *,
-    exclude_keys: NamePatterns | Sequence[str] = (),
-    average_keys: NamePatterns | Sequence[str] = (),
-    transpose_keys: Iterable[str] = (),
+    pretrained: StateDict, method: TensorMergeMethod, *, transpose_keys: Iterable[str] = ()
 ) -> ParameterPlan:
-    """Sort the pretrained model's parameters into matrix / average / skip.
-
-    ``exclude_keys`` and ``average_keys`` (regexes, or compiled :class:`NamePatterns`) select
-    names as :mod:`fusion_bench_ace.engine.selection` says.
-    """
-    exclude = NamePatterns.compile(exclude_keys, "exclude_keys")
-    average = NamePatterns.compile(average_keys, "average_keys")
-    matrix, averaged, skip = [], [], []
+    """Sort the pretrained model's parameters (real or meta tensors) by the method's
+    :meth:`~fusion_bench_ace.methods.base.TensorMergeMethod.treatment`."""
+    groups: Dict[str, List[str]] = {MERGE: [], AVERAGE: [], KEEP: []}
     for name, tensor in pretrained.items():
-        if not tensor.is_floating_point() or exclude.matches(name):
-            skip.append(name)
-        elif tensor.dim() == 2 and not average.matches(name):
-            matrix.append(name)
-        else:
-            averaged.append(name)
-    if not matrix and not averaged:
+        how = method.treatment(name, tuple(tensor.shape), tensor.dtype)
+        if how not in groups:
+            raise ValueError(f"{type(method).__name__}.treatment('{name}') returned {how!r}")
+        groups[how].append(name)
+    if not groups[MERGE] and not groups[AVERAGE]:
         raise ValueError(
-            "no parameter left to merge: every parameter is excluded by exclude_keys "
-            f"{list(exclude.patterns)} or is not floating point"
+            "no parameter left to merge: the method keeps every parameter at its pretrained "
+            "value (check its exclude_keys / remove_keys) or none is floating point"
         )
-    return ParameterPlan(tuple(matrix), tuple(averaged), tuple(skip), frozenset(transpose_keys))
+    return ParameterPlan(tuple(groups[MERGE]), tuple(groups[AVERAGE]), tuple(groups[KEEP]),
+                         frozenset(transpose_keys))
 
 
 def check_experts_match(
@@ -152,55 +146,121 @@ def stacked_task_vectors(
     return stacked
 
 
-def merged_tensors(
+def _task_vectors(name: str, base: Tensor, experts, plan: ParameterPlan, device
+                  ) -> Tuple[Tensor, Tensor]:
+    """``(task vectors (T, *shape), pretrained)`` of one parameter in the compute dtype on
+    ``device``, transposed when planned."""
+    dtype = compute_dtype_for(base.dtype)
+    task_vectors = stacked_task_vectors(name, base, experts, device=device, dtype=dtype)
+    base = base.to(device=device, dtype=dtype)
+    if name in plan.transpose:
+        return task_vectors.transpose(1, 2), base.T
+    return task_vectors, base
+
+
+def compute_statistics(
+    method: TensorMergeMethod,
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
-    matrix_merge: TensorMerge,
     plan: ParameterPlan,
     *,
     names: Optional[Sequence[str]] = None,
-    scaling_factor: float = 1.0,
     device: str | torch.device = "cpu",
-    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+    ranks: Optional[Ranks] = None,
+    progress: Optional[Progress] = None,
+) -> None:
+    """Run the method's statistics passes over the merged parameters among ``names`` (default:
+    all; under torchrun, this process's share) and hand it each pass's totals.
+
+    Integer statistics are summed as they come (exact in any order); floating ones are summed in
+    the order of the parameters' names, after gathering every process's, so a merge split across
+    processes, or reading the parameters in another order (a checkpoint's instead of a model's),
+    sees the same totals bit for bit.
+    """
+    device = torch.device(device)
+    merged = set(plan.merge)
+    visited = [name for name in (plan.merge if names is None else names) if name in merged]
+    pass_index = 0
+    while pass_index < method.statistics_passes:  # a method may add passes as it learns
+
+        def local_pass():
+            exact: Dict[str, Tensor] = {}
+            ordered: List[Tuple[str, Dict[str, Tensor]]] = []
+            for name in progress(visited) if progress is not None else visited:
+                task_vectors, base = _task_vectors(name, pretrained[name], experts, plan, device)
+                contribution = method.statistics(pass_index, name, task_vectors, base)
+                del task_vectors, base
+                floating = {}
+                for key, value in contribution.items():
+                    value = value.detach().to("cpu")
+                    if value.is_floating_point():
+                        floating[key] = value
+                    else:
+                        exact[key] = exact[key] + value if key in exact else value.clone()
+                if floating:
+                    ordered.append((name, floating))
+            return exact, ordered
+
+        if ranks is None:
+            exact, ordered = local_pass()
+        else:  # an error on one process stops every process before they meet below
+            exact, ordered = ranks.together(local_pass)
+            exact = ranks.all_reduce_sum(exact)
+            ordered = [item for share in ranks.all_gather(ordered) for item in share]
+        totals = dict(exact)
+        for _, floating in sorted(ordered, key=lambda item: item[0]):
+            for key, value in floating.items():
+                totals[key] = totals[key] + value if key in totals else value
+        method.absorb(pass_index, totals)
+        pass_index += 1
+
+
+def merged_tensors(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    method: TensorMergeMethod,
+    plan: ParameterPlan,
+    *,
+    names: Optional[Sequence[str]] = None,
+    device: str | torch.device = "cpu",
+    progress: Optional[Progress] = None,
 ) -> Iterator[Tuple[str, Tensor]]:
     """Yield ``(name, pretrained + scaling_factor * merged task vector)`` one parameter at a time.
 
     ``names`` (default: every pretrained name, in order) are visited one by one; only the
-    visited parameter's task vectors are in memory. Matrix parameters go through
-    ``matrix_merge`` (transposed first if planned), averaged ones through the mean of their task
-    vectors; skipped ones yield ``pretrained[name]`` itself. Each result has the pretrained dtype
-    and lies on ``device``; consumers copy it where it goes (:func:`merge_in_place`, or a
-    checkpoint writer) before asking for the next.
+    visited parameter's task vectors are in memory. Merged parameters go through the method
+    (transposed first if planned), averaged ones through the mean of their task vectors; skipped
+    ones yield ``pretrained[name]`` itself. Each result has the pretrained dtype and lies on
+    ``device``; consumers copy it where it goes (:func:`merge_in_place`, or a checkpoint writer)
+    before asking for the next. The method's statistics passes must have run
+    (:func:`compute_statistics`).
     """
     device = torch.device(device)
     names = list(pretrained.keys()) if names is None else list(names)
     iterator = progress(names) if progress is not None else names
-    matrix, average = set(plan.matrix), set(plan.average)
+    merge, average = set(plan.merge), set(plan.average)
+    scaling_factor = method.scaling_factor
     for name in iterator:
-        base = pretrained[name]
-        if name not in matrix and name not in average:
-            yield name, base
+        original = pretrained[name]
+        if name not in merge and name not in average:
+            yield name, original
             continue
-        dtype = compute_dtype_for(base.dtype)
-        task_vectors = stacked_task_vectors(name, base, experts, device=device, dtype=dtype)
-        if name in matrix:
-            transpose = name in plan.transpose
-            if transpose:
-                task_vectors = task_vectors.transpose(1, 2)
-            merged_tv = matrix_merge(task_vectors, name)
-            if transpose:
-                merged_tv = merged_tv.T
+        task_vectors, base = _task_vectors(name, original, experts, plan, device)
+        if name in merge:
+            merged_tv = method.merge(name, task_vectors, base)
         else:
             merged_tv = task_vectors.mean(dim=0)
         del task_vectors
-        result = (base.to(device=device, dtype=dtype) + scaling_factor * merged_tv).to(base.dtype)
+        if name in plan.transpose:
+            merged_tv, base = merged_tv.T, base.T
+        result = (base + scaling_factor * merged_tv).to(original.dtype)
         if not bool(torch.isfinite(result).all()):  # finite in the compute dtype, not in base's
             raise ValueError(
-                f"parameter '{name}': the merged weights do not fit in {base.dtype} "
-                f"(max |task vector| {float(merged_tv.abs().max()):.3g}, scaling_factor "
+                f"parameter '{name}': the merged weights do not fit in {original.dtype} "
+                f"(max |task vector| {float(merged_tv.abs().max()):.3g}, scaling factor "
                 f"{scaling_factor}); lower the scaling or merge in float32"
             )
-        del merged_tv
+        del merged_tv, base
         yield name, result
         del result
 
@@ -212,8 +272,8 @@ def distinct_storage_names(state: StateDict, plan: ParameterPlan) -> List[str]:
     Raises ``ValueError`` when tied names are planned differently (one excluded, one merged: no
     single value satisfies both) or when parameters overlap in memory without being the same view.
     """
-    category = {name: "matrix" for name in plan.matrix}
-    category.update({name: "average" for name in plan.average})
+    category = {name: "merged" for name in plan.merge}
+    category.update({name: "averaged" for name in plan.average})
     first_view: Dict[Tuple, str] = {}
     first_storage: Dict[int, Tuple[Tuple, str]] = {}
     names = []
@@ -247,27 +307,26 @@ def distinct_storage_names(state: StateDict, plan: ParameterPlan) -> List[str]:
 def merge_in_place(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
-    matrix_merge: TensorMerge,
+    method: TensorMergeMethod,
     plan: ParameterPlan,
     *,
-    scaling_factor: float = 1.0,
     device: str | torch.device = "cpu",
-    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+    progress: Optional[Progress] = None,
 ) -> None:
     """Overwrite ``pretrained``'s tensors with the merge, each as soon as it is computed.
 
     ``pretrained`` is the state dict of the model that becomes the merged model
     (``model.state_dict()`` shares its parameters' storage), so the merge holds that one model,
     the experts' tensors of one parameter and the merged tensor, never a second model. Tied
-    weights are merged once (:func:`distinct_storage_names`). Each parameter is read before it is
-    written and no parameter depends on another's pretrained value, so the result is the merge of
-    the untouched pretrained model. If an error is raised, the parameters before it are already
-    merged: discard the model.
+    weights are merged once (:func:`distinct_storage_names`). The statistics passes read the
+    untouched model first; each parameter is read before it is written and no parameter depends
+    on another's pretrained value, so the result is the merge of the untouched pretrained model.
+    If an error is raised, the parameters before it are already merged: discard the model.
     """
     names = distinct_storage_names(pretrained, plan)
+    compute_statistics(method, pretrained, experts, plan, names=names, device=device)
     for name, merged in merged_tensors(
-        pretrained, experts, matrix_merge, plan, names=names, scaling_factor=scaling_factor,
-        device=device, progress=progress,
+        pretrained, experts, method, plan, names=names, device=device, progress=progress,
     ):
         target = pretrained[name]
         if merged is not target:
@@ -278,14 +337,13 @@ def write_merged_checkpoint(
     directory: str | os.PathLike,
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
-    matrix_merge: TensorMerge,
+    method: TensorMergeMethod,
     plan: ParameterPlan,
     *,
     specs: Sequence[TensorSpec],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    scaling_factor: float = 1.0,
     device: str | torch.device = "cpu",
-    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+    progress: Optional[Progress] = None,
     names: Optional[Sequence[str]] = None,
     create_files: bool = True,
     write_index: bool = True,
@@ -295,19 +353,20 @@ def write_merged_checkpoint(
     ``specs`` lists every tensor of the checkpoint (name, shape, dtype) in the order they are
     merged and written (usually the pretrained checkpoint's, from its headers). With lazy
     ``pretrained`` and ``experts`` (:mod:`fusion_bench_ace.engine.io.reader`), memory holds one
-    parameter's task vectors and its merged tensor, whatever the model size. Returns the files
-    written (:class:`fusion_bench_ace.engine.io.writer.ShardedSafetensorsWriter`).
+    parameter's task vectors and its merged tensor, whatever the model size. The method's
+    statistics passes must have run. Returns the files written
+    (:class:`fusion_bench_ace.engine.io.writer.ShardedSafetensorsWriter`).
 
     One share of a merge split across processes: ``names`` (in the order of ``specs``) are the
     tensors this process merges and writes into files another process created
-    (``create_files=False``, :func:`create_checkpoint_files`); one of them writes the index.
+    (``create_files=False``); one of them writes the index.
     """
     writer = ShardedSafetensorsWriter(directory, specs, max_shard_size, names=names,
                                       create_files=create_files)
     try:
         for name, merged in merged_tensors(
-            pretrained, experts, matrix_merge, plan, names=[spec.name for spec in writer.specs],
-            scaling_factor=scaling_factor, device=device, progress=progress,
+            pretrained, experts, method, plan, names=[spec.name for spec in writer.specs],
+            device=device, progress=progress,
         ):
             writer.write(name, merged)
         return writer.finish(write_index=write_index)
@@ -322,3 +381,87 @@ def create_checkpoint_files(
     """The shards :func:`write_merged_checkpoint` writes into, created at their full size (headers
     written, zeros where the tensors go), for processes that each write a share of them."""
     ShardedSafetensorsWriter(directory, specs, max_shard_size, names=[]).finish(write_index=False)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part of a merge split across processes."""
+
+    names: Tuple[str, ...]
+    """The tensors it merges and writes, in checkpoint order."""
+    work_per_rank: Tuple[float, ...]
+    """Every process's estimated work (:meth:`TensorMergeMethod.cost`)."""
+
+
+def share_of(ranks: Ranks, specs: Sequence[TensorSpec], plan: ParameterPlan,
+             method: TensorMergeMethod, num_tasks: int) -> Share:
+    """The tensors ``ranks.rank`` merges: every parameter to one process, the estimated work
+    balanced (:func:`fusion_bench_ace.engine.distributed.balanced_owners`)."""
+    costs = plan_costs([(spec.name, spec.shape) for spec in specs], plan, method, num_tasks)
+    owners = balanced_owners(costs, ranks.world_size)
+    mine = tuple(spec.name for spec, owner in zip(specs, owners) if owner == ranks.rank)
+    return Share(mine, tuple(work_per_rank(costs, owners, ranks.world_size)))
+
+
+def merge_into_directory(
+    path: str | os.PathLike,
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    method: TensorMergeMethod,
+    plan: ParameterPlan,
+    *,
+    specs: Sequence[TensorSpec],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    ranks: Optional[Ranks] = None,
+    model_files: Optional[Callable[[Path], None]] = None,
+    progress: Optional[Callable[[str], Progress]] = None,
+) -> Optional[Share]:
+    """Merge into a checkpoint directory at ``path``: statistics passes, every tensor written as
+    it is computed, ``model_files(directory)`` (config, tokenizer: what the caller's framework
+    writes beside the weights) last, then the directory renamed into place
+    (:func:`fusion_bench_ace.atomic.staged_path`; an existing ``path`` is an error unless
+    ``overwrite``).
+
+    Under torchrun (``ranks``), each process merges and writes its :class:`Share` into the files
+    rank 0 created at their full size (the layout of one process's), so the bytes equal one
+    process's; rank 0 writes the index and the model files and renames the directory. A failure
+    on any rank stops all (:meth:`Ranks.together`) and the staging directory is removed. Returns
+    this process's share (``None`` in one process).
+    """
+    label = progress or (lambda what: None)
+    if ranks is None:
+        compute_statistics(method, pretrained, experts, plan, device=device,
+                           progress=label("statistics"))
+        with staged_path(path, overwrite=overwrite) as staging:
+            staging.mkdir()
+            write_merged_checkpoint(staging, pretrained, experts, method, plan, specs=specs,
+                                    max_shard_size=max_shard_size, device=device,
+                                    progress=label("merging"))
+            if model_files is not None:
+                model_files(staging)
+        return None
+
+    share = share_of(ranks, specs, plan, method, len(experts))
+    main = ranks.is_main
+    with ExitStack() as stack:
+
+        def stage() -> Optional[Path]:
+            if not main:
+                return None
+            staging = stack.enter_context(staged_path(path, overwrite=overwrite))
+            staging.mkdir()
+            create_checkpoint_files(staging, specs, max_shard_size)
+            return staging
+
+        staging = Path(ranks.broadcast(str(ranks.together(stage))))
+        compute_statistics(method, pretrained, experts, plan, names=share.names, device=device,
+                           ranks=ranks, progress=label(f"statistics (rank {ranks.rank})"))
+        ranks.together(lambda: write_merged_checkpoint(
+            staging, pretrained, experts, method, plan, specs=specs,
+            max_shard_size=max_shard_size, device=device, names=share.names,
+            create_files=False, write_index=main, progress=label(f"merging (rank {ranks.rank})")))
+        ranks.together(lambda: model_files(staging) if main and model_files else None)
+        ranks.together(stack.close)  # rank 0 renames the directory into place
+    return share

@@ -114,15 +114,17 @@ How it is computed (performance; none of it changes the formulas above):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 
+from .base import AVERAGE, KEEP, MERGE, TensorMergeMethod, register
 from .tensors import TaskVectors, check_finite, compute_dtype_for, stack_task_vectors
 
 __all__ = [
+    "ACE",
     "EPS_MODES",
     "GAMMA_MODES",
     "PRECISIONS",
@@ -191,6 +193,9 @@ class ACELayerResult:
     float32_error_estimate: Optional[float] = None
     """Predicted ``‖W_32 - W_64‖_F / ‖W_64‖_F`` of a layer solved in float32 (``None`` when it
     was computed in float64 or not solved)."""
+    solved_in: Optional[str] = None
+    """``"columns"`` (the ``d_in x d_in`` system) or ``"rows"`` (the ``T d_out`` row space);
+    ``None`` when the layer was not solved."""
 
 
 @dataclass(frozen=True)
@@ -665,7 +670,8 @@ class _LayerSums:
         kept = preliminary if keep_preliminary else None
         if not self.heterogeneous:
             return ACELayerResult(preliminary, gamma, False, 0, self.used, None, kept, eps,
-                                  float32_error_estimate=predicted_error)
+                                  float32_error_estimate=predicted_error,
+                                  solved_in=self.solved_in)
         fused = residual.add_(preliminary)
         rank_k = int(min(self.m, self.n) * options.k_frac)
         merged = preliminary
@@ -678,12 +684,14 @@ class _LayerSums:
                 ratio = float(torch.linalg.norm(preliminary)) / merged_norm if merged_norm else 1.0
                 predicted_error *= (1.0 + amplification) * ratio
         return ACELayerResult(merged, gamma, True, rank_k, self.used, None, kept, eps,
-                              float32_error_estimate=predicted_error)
+                              float32_error_estimate=predicted_error, solved_in=self.solved_in)
 
 
 class _ColumnSums(_LayerSums):
     """The ``d_in x d_in`` system ``Σ_t w_t Σ_t,reg`` accumulated one task vector at a time:
     nothing per task is kept (extra memory O(d_out d_in + d_in²) whatever ``T``)."""
+
+    solved_in = "columns"
 
     def __init__(self, m, n, dtype, device, heterogeneous, track_centred_energy):
         super().__init__(m, n, dtype, device, heterogeneous, track_centred_energy)
@@ -788,6 +796,8 @@ class _RowSums(_LayerSums):
     accurate. Memory: the ``T`` centred task vectors and two ``T d_out`` square matrices, less than
     one ``d_in x d_in`` matrix.
     """
+
+    solved_in = "rows"
 
     def __init__(self, m, n, num_tasks, dtype, device, heterogeneous, track_centred_energy):
         super().__init__(m, n, dtype, device, heterogeneous, track_centred_energy)
@@ -1059,3 +1069,92 @@ def _pinv_solve(spd: Tensor, rhs: Tensor) -> Tensor:
     inverse = torch.where(eigenvalues > cutoff, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
     solved = eigenvectors @ (inverse.unsqueeze(1) * (eigenvectors.T @ rhs.to(torch.float64)))
     return solved.to(rhs.dtype)
+
+
+# --- the per-tensor unit the engine runs ----------------------------------------------------------
+
+
+@register
+class ACE(TensorMergeMethod):
+    """ACE-Merging of a model: every 2-D weight by :func:`merge_layer`, the other floating-point
+    parameters by the mean of their task vectors, ``θ = θ_0 + scaling_factor · merged``.
+
+    ``exclude`` / ``average`` / ``spectrum``: name selectors (``.matches(name)``) of parameters
+    kept at their pretrained value, 2-D parameters averaged instead, and layers whose singular
+    values of ``W_pre`` and of the merge go into the diagnostics. ``check_precision``: also merge
+    each float32 layer in float64 and record the measured relative difference (about 3x the
+    time; the default records the predicted one).
+    """
+
+    name = "ace"
+
+    def __init__(self, options: ACEOptions, *, scaling_factor: float = 1.0, exclude=None,
+                 average=None, spectrum=None, check_precision: bool = False):
+        self.options = options
+        self.scaling_factor = float(scaling_factor)
+        self._exclude, self._average, self._spectrum = exclude, average, spectrum
+        self.check_precision = bool(check_precision)
+        self.layers: List[dict] = []
+
+    def treatment(self, name, shape, dtype) -> str:
+        if not dtype.is_floating_point or (self._exclude is not None
+                                           and self._exclude.matches(name)):
+            return KEEP
+        if len(shape) == 2 and not (self._average is not None and self._average.matches(name)):
+            return MERGE
+        return AVERAGE
+
+    def merge(self, name, task_vectors, base):
+        spectrum = self._spectrum is not None and self._spectrum.matches(name)
+        info = merge_layer(task_vectors, self.options, keep_preliminary=spectrum)
+        row = {
+            "name": name,
+            "shape": list(task_vectors.shape[1:]),
+            "gamma": info.gamma,
+            "heterogeneous": info.heterogeneous,
+            "eps": info.eps,
+            "compute_dtype": str(info.compute_dtype).removeprefix("torch."),
+            "solved_in": info.solved_in,
+            "float32_error_estimate": _json_number(info.float32_error_estimate),
+            "rank_k": info.rank_k,
+            "tasks_used": info.tasks_used,
+            "fallback": info.fallback,
+        }
+        if self.check_precision and info.compute_dtype == torch.float32:
+            exact = merge_layer(task_vectors.to(torch.float64), self.options).merged
+            scale = float(torch.linalg.norm(exact))
+            error = float(torch.linalg.norm(info.merged.to(torch.float64) - exact))
+            row["float32_error"] = error / scale if scale > 0 else error
+        if spectrum and info.preliminary is not None:  # None: averaged (fallback) layers
+            row["singular_values"] = {
+                "preliminary": _singular_values(info.preliminary),
+                "merged": _singular_values(info.merged),
+            }
+        self.layers.append(row)
+        return info.merged
+
+    def cost(self, shape, num_tasks) -> float:
+        """The ``T`` covariances' ``T d_out d_in²`` multiply-adds of a 2-D weight (timed per
+        GPT-2 shape it predicts the CPU time within 15 %; see :mod:`fusion_bench_ace.engine.
+        distributed`), or ``T d_out (T d_out + 2 d_in)`` solved in the row space."""
+        if len(shape) != 2:
+            return super().cost(shape, num_tasks)
+        d_out, d_in = shape
+        if _solves_in_row_space(num_tasks, d_out, d_in):
+            return float(num_tasks * d_out) * d_in * (num_tasks * d_out + 2 * d_out)
+        return float(num_tasks) * d_out * d_in ** 2
+
+    def diagnostics(self):
+        return {**asdict(self.options), "layers": self.layers}
+
+
+def _json_number(value: Optional[float]):
+    """JSON has no infinity: an unbounded estimate is written as the string ``"inf"``."""
+    if value is None or math.isfinite(value):
+        return value
+    return "inf"
+
+
+def _singular_values(matrix: Tensor) -> List[float]:
+    """Singular values, largest first, computed in float64 (a diagnostic, not the merge)."""
+    return torch.linalg.svdvals(matrix.detach().to(torch.float64)).tolist()

@@ -14,7 +14,7 @@ No FusionBench import, no I/O.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Dict, Mapping, Optional, Sequence, Type
+from typing import ClassVar, Dict, Mapping, Optional, Sequence, Type
 
 import torch
 from torch import Tensor
@@ -38,7 +38,8 @@ class TensorMergeMethod:
 
     name: ClassVar[str] = ""
     statistics_passes: int = 0
-    """How many times the engine walks every parameter before merging (:meth:`statistics`)."""
+    """How many times the engine walks every parameter before merging (:meth:`statistics`); read
+    again after each pass, so a method may add passes once it has seen the data."""
     scaling_factor: float = 1.0
 
     def treatment(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> str:
@@ -86,5 +87,3 @@ def register(cls: Type[TensorMergeMethod]) -> Type[TensorMergeMethod]:
     METHODS[cls.name] = cls
     return cls
 
-
-TaskVectorsOf = Callable[[str], Tensor]

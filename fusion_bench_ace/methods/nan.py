@@ -13,7 +13,9 @@ For ``M`` models with norms ``n_i`` and ``ε = 1e-12``:
   ``α = softmax_i(1 / (n_i + ε))``. Unlike the sum, it is not invariant to a common rescaling of
   the norms, and for norms >> 1 it is nearly uniform.
 
-What the norm is taken of (all computed in float64):
+What the norm is taken of (all computed in float64; the per-tensor units below take it of the
+task vectors ``τ_i`` as the engine hands them to the merge, in the compute dtype, so ``θ_i`` is
+``θ_0 + τ_i`` up to float32 rounding of the difference: relative 1e-10 on the norms measured):
 
 - ``norm_target="finetuned"`` (primary): the fine-tuned weights ``θ_i``;
   ``"task_vector"``: ``τ_i = θ_i - θ_0``.
@@ -57,6 +59,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import ties
+from .base import KEEP, MERGE, TensorMergeMethod, register
 from .tensors import check_finite
 
 __all__ = [
@@ -71,6 +75,8 @@ __all__ = [
     "nan_coefficients",
     "resolve_global_scale",
     "tensor_norms",
+    "TaskArithmeticNAN",
+    "TiesMergingNAN",
 ]
 
 NORM_TARGETS = ("finetuned", "task_vector")
@@ -393,3 +399,183 @@ def compute_nan_coefficients(
         norms=norms,
         alpha=alpha,
     )
+
+
+# --- the per-tensor units the engine runs -----------------------------------------------------
+
+
+class _NANWeights:
+    """NAN's coefficients from one parameter at a time: at ``granularity="model"`` one statistics
+    pass sums every merged parameter's squared norms (float64) before merging; at ``"layer"``
+    each parameter's own norms give its coefficients when it is merged."""
+
+    def _init_nan(self, names: Sequence[str], norm_target: str, granularity: str,
+                  normalize: str, eps: float, scale: float, remove) -> None:
+        check_nan_options(norm_target, granularity, normalize, eps)
+        if len(names) < 2:
+            raise ValueError(f"NAN needs at least two models to weigh against each other; got "
+                             f"{list(names)}")
+        self.names = list(names)
+        self.norm_target, self.granularity = norm_target, granularity
+        self.normalize, self.eps, self.scale = normalize, float(eps), float(scale)
+        self._remove = remove
+        self.alpha: Optional[Tensor] = None  # (M,) at model granularity, after its pass
+        self.model_norms: Optional[Tensor] = None
+        self.layer_rows: List[dict] = []  # layer granularity: each parameter's norms and α
+
+    def treatment(self, name, shape, dtype) -> str:
+        if not dtype.is_floating_point or (self._remove is not None and self._remove.matches(name)):
+            return KEEP
+        return MERGE
+
+    def _norms(self, name: str, task_vectors: Tensor, base: Tensor) -> Tensor:
+        """``(M,)`` float64 norms of this parameter's ``θ_0 + τ_i`` or ``τ_i``."""
+        values = task_vectors.reshape(task_vectors.shape[0], -1).to(torch.float64)
+        if self.norm_target == "finetuned":
+            values = values + base.reshape(1, -1).to(torch.float64)
+        norms = torch.linalg.vector_norm(values, dim=1)
+        if not bool(torch.isfinite(norms).all()):
+            raise ValueError(f"tensor '{name}' has a non-finite norm: the weights contain NaN/Inf "
+                             "or overflow float64")
+        return norms
+
+    def _absorb_norms(self, totals: Mapping[str, Tensor]) -> None:
+        self.model_norms = totals["norm_sq"].sqrt()
+        self.alpha = nan_coefficients(self.model_norms, self.normalize, self.eps,
+                                      names=self.names)
+
+    def _alpha(self, name: str, task_vectors: Tensor, base: Tensor, record: bool) -> Tensor:
+        """``α`` for this parameter; ``record``: keep it for the diagnostics (once per
+        parameter, when it is merged)."""
+        if self.granularity == "model":
+            return self.alpha
+        norms = self._norms(name, task_vectors, base)
+        alpha = nan_coefficients(norms, self.normalize, self.eps, names=self.names,
+                                 units=[name])
+        if record:
+            self.layer_rows.append({"name": name, "norms": norms.tolist(),
+                                    "alpha": alpha.tolist()})
+        return alpha
+
+    def _nan_diagnostics(self) -> dict:
+        data = {"norm_target": self.norm_target, "granularity": self.granularity,
+                "normalize": self.normalize, "eps": self.eps, "models": self.names,
+                "scale": self.scale}
+        if self.granularity == "model":
+            data["norms"] = dict(zip(self.names, self.model_norms.tolist()))
+            data["alpha"] = dict(zip(self.names, self.alpha.tolist()))
+            data["effective_weights"] = {name: self.scale * a
+                                         for name, a in zip(self.names, self.alpha.tolist())}
+        else:
+            data["layers"] = self.layer_rows
+        return data
+
+
+@register
+class TaskArithmeticNAN(_NANWeights, TensorMergeMethod):
+    """Task Arithmetic with NAN coefficients, per parameter: ``θ = θ_0 + s Σ_i α_i τ_i``."""
+
+    name = "task_arithmetic_nan"
+
+    def __init__(self, names: Sequence[str], *, norm_target: str = "finetuned",
+                 granularity: str = "model", normalize: str = "sum", eps: float = DEFAULT_EPS,
+                 scale: float = 1.0, remove=None):
+        self._init_nan(names, norm_target, granularity, normalize, eps, scale, remove)
+        self.statistics_passes = 1 if granularity == "model" else 0
+
+    def statistics(self, pass_index, name, task_vectors, base):
+        return {"norm_sq": self._norms(name, task_vectors, base).square()}
+
+    def absorb(self, pass_index, totals):
+        self._absorb_norms(totals)
+
+    def merge(self, name, task_vectors, base):
+        alpha = self._alpha(name, task_vectors, base, record=True)
+        update = None
+        for i in range(task_vectors.shape[0]):  # in order: FusionBench's state_dict_add chain
+            scaled = task_vectors[i] * (self.scale * float(alpha[i]))
+            update = scaled if update is None else update + scaled
+        return update
+
+    def diagnostics(self):
+        return {"method": self.name, **self._nan_diagnostics()}
+
+
+@register
+class TiesMergingNAN(_NANWeights, TensorMergeMethod):
+    """TIES-Merging on ``α_i τ_i`` with NAN coefficients, then ``θ_0 + s τ_merged``, one
+    parameter at a time (:mod:`fusion_bench_ace.methods.ties`: the threshold and the majority
+    sign over the whole model come from statistics passes)."""
+
+    name = "ties_merging_nan"
+
+    def __init__(self, names: Sequence[str], *, norm_target: str = "finetuned",
+                 granularity: str = "model", normalize: str = "sum", eps: float = DEFAULT_EPS,
+                 scale: float = 1.0, remove=None, threshold: float = 20,
+                 merge_func: str = "sum"):
+        self._init_nan(names, norm_target, granularity, normalize, eps, scale, remove)
+        self.threshold, self.merge_func = threshold, merge_func
+        self.scaling_factor = self.scale  # TIES merges α τ; s multiplies the merged vector
+        # passes: the norms (model granularity), the magnitude threshold's digits (their number
+        # is known once the first digit pass has seen the compute dtype), the majority sign
+        self._passes = (["norms"] if granularity == "model" else []) + ["digit"]
+        self._entries = 0
+        self._shifts: List[int] = []
+        self._prefix = self._ranks = self.thresholds = None
+        self.majority: Optional[float] = None
+
+    @property
+    def statistics_passes(self) -> int:
+        return len(self._passes)
+
+    def _weighted(self, name, task_vectors, base, record: bool = False) -> Tensor:
+        alpha = self._alpha(name, task_vectors, base, record)
+        shape = (-1,) + (1,) * (task_vectors.dim() - 1)
+        return task_vectors * alpha.to(task_vectors.dtype).reshape(shape)
+
+    def statistics(self, pass_index, name, task_vectors, base):
+        kind = self._passes[pass_index]
+        if kind == "norms":
+            return {"norm_sq": self._norms(name, task_vectors, base).square()}
+        weighted = self._weighted(name, task_vectors, base)
+        if kind == "digit":
+            digit = self._passes[:pass_index + 1].count("digit") - 1
+            if digit == 0:
+                self._shifts = ties.digit_shifts(weighted.dtype)
+                self._dtype = weighted.dtype
+            histogram = ties.digit_histogram(weighted, self._shifts[digit], self._prefix)
+            count = torch.tensor([weighted[0].numel()], dtype=torch.int64)
+            return {"histogram": histogram, "entries": count}
+        signs = ties.elected_signs(ties.trimmed(weighted, self.thresholds))
+        return {"sign_balance": (signs > 0).sum().reshape(1) - (signs < 0).sum().reshape(1)}
+
+    def absorb(self, pass_index, totals):
+        kind = self._passes[pass_index]
+        if kind == "norms":
+            self._absorb_norms(totals)
+        elif kind == "digit":
+            digit = self._passes[:pass_index + 1].count("digit") - 1
+            if digit == 0:
+                self._entries = int(totals["entries"])
+                rank = ties.kth_rank(self._entries, self.threshold)
+                self._ranks = [rank] * len(self.names)
+                self._prefix = torch.zeros(len(self.names), dtype=torch.int64)
+                self._passes += ["digit"] * (len(self._shifts) - 1) + ["sign"]
+            bucket, ranks = ties.bucket_of_rank(totals["histogram"], self._ranks)
+            self._ranks = ranks.tolist()
+            self._prefix = (self._prefix << 16) | bucket
+            if digit == len(self._shifts) - 1:
+                self.thresholds = ties.threshold_values(self._prefix, self._dtype)
+        else:
+            self.majority = float(torch.sign(totals["sign_balance"].to(torch.float64)))
+
+    def merge(self, name, task_vectors, base):
+        kept = ties.trimmed(self._weighted(name, task_vectors, base, record=True),
+                            self.thresholds)
+        signs = ties.elected_signs(kept)
+        return ties.disjoint_merge(kept, signs, self.majority, self.merge_func)
+
+    def diagnostics(self):
+        return {"method": self.name, "threshold": self.threshold, "merge_func": self.merge_func,
+                "entries": self._entries, "magnitude_thresholds": self.thresholds.tolist(),
+                "majority_sign": self.majority, **self._nan_diagnostics()}
