@@ -4,8 +4,11 @@ Use it with ``fusion_bench --config-name ace_model_fusion ...`` (our root config
 ``fusion_bench _target_=fusion_bench_ace.program.FusionProgram ...``; the comparison runner does.
 
 - ``merge_stats.json`` beside ``program_report.json``: the wall time of ``method.run`` (loading
-  the pool and merging, as every method does it), the process's peak resident memory after it,
-  and the peak CUDA memory when a GPU was used. FusionBench's own report is untouched.
+  the pool and merging, as every method does it), this process's resident (RSS) and anonymous
+  (``RssAnon``) memory before it and at their peaks during it (sampled every 5 ms:
+  :mod:`fusion_bench_ace.memory`; RSS includes the file pages of memory-mapped checkpoints, which
+  the kernel can drop, anonymous memory is what runs a machine out of memory), and the peak CUDA
+  memory when a GPU was used. FusionBench's own report is untouched.
 - ``merged_model_save_path``: checked before any merging (an existing file or directory is an
   error unless ``overwrite_merged_model=true``), written to a temporary sibling and renamed into
   place, so an interrupted save never leaves a half-written checkpoint under the final name.
@@ -35,6 +38,7 @@ from fusion_bench.utils import timeit_context
 from . import provenance
 from .atomic import staged_path
 from .engine.distributed import world_from_env
+from .memory import MemorySampler
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +69,16 @@ class FusionProgram(FabricModelFusionProgram):
         def timed_run(*args, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            rss_before = _peak_rss_mib()
-            start = time.perf_counter()
-            result = run(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            with MemorySampler() as memory:
+                start = time.perf_counter()
+                result = run(*args, **kwargs)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
             self._merge_stats = {
-                "merge_seconds": time.perf_counter() - start,
-                "peak_rss_mib": _peak_rss_mib(),
-                "peak_rss_mib_before_merge": rss_before,
+                "merge_seconds": seconds,
+                **memory.mib(),
+                "process_peak_rss_mib": _peak_rss_mib(),
                 "peak_cuda_mib": (torch.cuda.max_memory_allocated() / 2**20
                                   if torch.cuda.is_available() else None),
                 "torch_threads": torch.get_num_threads(),

@@ -112,20 +112,21 @@ def test_track_precision_reports_every_merged_layer(reduced_gpt2_env, tmp_path):
 
 
 def test_llm_bench_end_to_end_tiny(tmp_path):
-    """Synthetic Llama experts; the four merge paths and both readers each in a subprocess."""
-    from fusion_bench_ace.bench.llm import PATHS, READERS
+    """Synthetic Llama experts; the floor and the streamed merge each in a process whose memory
+    is sampled from outside; results only in a new folder."""
     from fusion_bench_ace.bench.llm import main as llm_main
 
-    report = llm_main(["--tiny", "--out", str(tmp_path)])
-    md = (tmp_path / "llm_bench_tiny.md").read_text()
-    assert "command: `python -m fusion_bench_ace.bench.llm --tiny" in md and "shared" in md
-    (size,) = json.loads((tmp_path / "llm_bench_tiny.json").read_text())["sizes"]
-    assert [row["path"] for row in size["rows"]] == list(PATHS)
-    assert [row["path"] for row in size["readers"]] == list(READERS)
-    # both readers read the same tensors (in the pool's bf16, summed in float32)
-    sums = [row["checksum"] for row in size["readers"]]
-    assert sums[0] == pytest.approx(sums[1], rel=1e-6)
-    assert all(row["peak_rss"] >= row["baseline_rss"] > 0 and row["seconds"] > 0
-               for row in size["rows"] + size["readers"])
-    assert size["layer_times"]["3"]["floor"] > 0  # JSON keys are strings
+    out = tmp_path / "llm"
+    report = llm_main(["--mode", "tiny", "--out", str(out)])
+    md = (out / "llm_bench.md").read_text()
+    assert "command: `python -m fusion_bench_ace.bench.llm --mode tiny" in md
+    (model,) = json.loads((out / "llm_bench.json").read_text())["models"]
+    assert list(model["rows"]) == ["floor", "stream"]
+    floor, stream = model["rows"]["floor"], model["rows"]["stream"]
+    assert floor["matrices"] == model["ace_matrices"] == 14  # 7 per layer, embeddings kept
+    assert stream["merge_seconds"] > 0 and stream["peak_anon_mib"] > 0
+    assert stream["peak_rss_mib"] >= stream["peak_anon_mib"]
+    assert stream["merge_peak_anon_mib"] >= stream["merge_start_anon_mib"] > 0
     assert report["header"]["mode"] == "tiny"
+    with pytest.raises(FileExistsError, match="does not overwrite"):
+        llm_main(["--mode", "tiny", "--out", str(out)])

@@ -1,31 +1,36 @@
-"""Merging causal LMs: peak memory against model size and ``T``, merge time against the floor.
+"""Merging causal LMs at the scale people merge: time against the floor, memory as it fails.
 
-``python -m fusion_bench_ace.bench.llm [--tiny] [--out DIR]`` (settings: ``config/bench/llm.yaml``)
-writes synthetic Llama-shaped experts as sharded bf16 safetensors checkpoints (random weights,
-each expert the pretrained ones plus noise of its own scale; generated and written tensor by
-tensor), then runs, each in a fresh subprocess with its resident memory sampled every
-millisecond:
+``python -m fusion_bench_ace.bench.llm [--mode scale|peer|memory|tiny] [--models NAME ...]
+[--out DIR] [--scratch DIR] [--mergekit PATH]`` (settings: ``config/bench/llm.yaml``) writes
+synthetic Llama-shaped bf16 experts as sharded safetensors checkpoints (random weights, expert
+``t`` = pretrained + noise of its own scale; generated and written tensor by tensor) into a scratch
+directory it creates, then runs, each in a fresh process with its resident (RSS) and anonymous
+(``RssAnon``) memory sampled every 5 ms from outside (:mod:`fusion_bench_ace.memory`):
 
-- ``stream``: ``ACEMerging.merge_to_checkpoint`` (``method=ace_llama`` with no task pool): every
-  model read tensor by tensor, every merged tensor written to its shard at once;
-- ``in_memory``: ``ACEMerging.run`` (the path a task pool evaluates): the experts streamed, the
-  merge written into the pretrained model's own tensors, which the run returns;
-- ``fusion_bench_ta``: FusionBench's Task Arithmetic (``CausalLMPool``, models loaded whole);
-- ``fusion_bench_ta_lazy``: the same with ``enable_lazy_loading=true`` (FusionBench's
-  ``LazyStateDict``);
+- ``stream``: the command users run, ``fusion_bench --config-name ace_model_fusion
+  method=ace_llama modelpool=<the pool> '~taskpool' merged_model_save_path=DIR`` (every model read
+  tensor by tensor, every merged tensor written to its shard at once), one torch thread; its
+  ``merge_stats.json`` gives the merge's own time and memory;
+- ``floor``: the operations no ACE implementation avoids, timed in the same run: reading every
+  tensor the merge reads (bf16 to float32 task vectors), the ``T`` Gram products ``WᵀW``
+  (``torch.mm``, float32) and the Cholesky factorisation of one ``d_in x d_in`` system for every
+  matrix ACE merges;
+- ``mergekit_ties`` (mode ``peer``, with ``--mergekit``): MergeKit's TIES through its own
+  ``mergekit-yaml`` (its own virtual environment), ``--lazy-unpickle --out-shard-size 1B``, one
+  thread, the same experts; each tool also runs on a tiny model, whose peak is its start-up.
 
-and, per model, the two lazy readers alone (``SafetensorsStateDict`` of
-:mod:`fusion_bench_ace.engine.io.reader`, FusionBench's ``LazyStateDict``: open, then read every
-tensor once). The merge time is compared with the floor of unavoidable operations
-(:func:`fusion_bench_ace.bench.layers.bench_model`, ``floor``) summed over the model's layers.
+Mode ``memory`` runs ``stream`` on Llamas of one width and growing depth: anonymous memory must
+not grow with the model. Results go to ``--out`` (default ``outputs/bench/llm/<mode>-<time>``; an
+existing directory is refused), the scratch directory is removed at the end unless
+``--keep-scratch``.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,24 +41,30 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import provenance
+from ..memory import ProcessTreeSampler
 from ..paths import PACKAGE_DIR, config_dir
-from .measure import PeakSampler
+from .output import new_output_dir
 
-PATHS = ("stream", "in_memory", "fusion_bench_ta", "fusion_bench_ta_lazy")
-READERS = ("safetensors_state_dict", "lazy_state_dict")
+MIB = 2**20
+RUNS = ("stream", "floor", "mergekit_ties")
 
 
 def load_settings(path: Optional[str | Path] = None) -> dict:
     from omegaconf import OmegaConf
 
     path = Path(path) if path else config_dir() / "bench" / "llm.yaml"
-    return {"config_file": str(path), **OmegaConf.to_container(OmegaConf.load(path), resolve=True)}
+    try:  # results name the settings file relative to the checkout, never the machine's path
+        shown = str(path.resolve().relative_to(PACKAGE_DIR.parent))
+    except ValueError:
+        shown = path.name
+    return {"config_file": shown, **OmegaConf.to_container(OmegaConf.load(path), resolve=True)}
 
 
 def llama_config(spec: dict):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**spec, max_position_embeddings=2048, tie_word_embeddings=False)
+    return LlamaConfig(**spec, max_position_embeddings=2048, tie_word_embeddings=False,
+                       architectures=["LlamaForCausalLM"])
 
 
 def state_shapes(spec: dict) -> Dict[str, tuple]:
@@ -65,25 +76,26 @@ def state_shapes(spec: dict) -> Dict[str, tuple]:
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
 
 
-def merged_shapes(spec: dict, exclude) -> List[list]:
-    """``[label, [d_out, d_in], count]`` of every 2-D weight ACE merges (layer bench format)."""
-    from ..engine.selection import NamePatterns
-
-    patterns = NamePatterns.compile(exclude, "exclude_keys")
-    counts: Dict[tuple, int] = {}
-    labels: Dict[tuple, str] = {}
-    for name, shape in state_shapes(spec).items():
-        if len(shape) == 2 and not patterns.matches(name):
-            counts[shape] = counts.get(shape, 0) + 1
-            labels.setdefault(shape, name.split(".", 3)[-1].rsplit(".", 1)[0])
-    return [[labels[s], list(s), c] for s, c in counts.items()]
-
-
 def _numel(shape) -> int:
     count = 1
     for size in shape:
         count *= size
     return count
+
+
+def ace_unit(settings: dict):
+    """The :class:`~fusion_bench_ace.methods.ace.ACE` unit of the bench's method preset (its
+    plan and its costs: which matrices the floor times)."""
+    from ..bench.tracks import method_settings
+    from ..engine.selection import NamePatterns
+    from ..methods.ace import ACE, ACEOptions
+
+    preset = method_settings(settings["method"])
+    options = ACEOptions(**{key: preset[key] for key in (
+        "eps", "tau", "k_frac", "eps_mode", "eps_rel", "gamma_mode", "tau_scale_free",
+        "precision")})
+    return ACE(options, exclude=NamePatterns.compile(preset["exclude_keys"], "exclude_keys"),
+               average=NamePatterns.compile(preset["average_keys"], "average_keys"))
 
 
 # --- synthetic experts ----------------------------------------------------------------------------
@@ -129,232 +141,276 @@ def write_synthetic_checkpoints(root: Path, shapes: Dict[str, tuple], config, nu
     return paths
 
 
-# --- workers (one fresh process each) -------------------------------------------------------------
+# --- the floor (a worker process) -----------------------------------------------------------------
 
 
-def _pool(paths: Dict[str, str], dtype: str, lazy: bool = False):
-    from fusion_bench.modelpool import CausalLMPool
+def floor(paths: Dict[str, str], settings: dict) -> dict:
+    """Seconds of reading every tensor the merge reads, of the ``T`` Gram products and of one
+    Cholesky factorisation per ACE matrix (one thread, float32)."""
+    from ..engine.driver import plan_parameters, stacked_task_vectors
+    from ..engine.io.reader import open_checkpoint
 
-    return CausalLMPool(models=dict(paths), tokenizer=None, model_kwargs={"torch_dtype": dtype},
-                        enable_lazy_loading=lazy)
-
-
-def worker(path_kind: str, paths: Dict[str, str], settings: dict, out: Optional[str]) -> dict:
-    from ..algorithms.ace import ACEMerging
-
-    def ace():
-        return ACEMerging(eps=settings["eps"], tau=settings["tau"], k_frac=settings["k_frac"],
-                          exclude_keys=settings["exclude_keys"], average_keys=[],
-                          diagnostics=False, streaming="true")
-
-    if path_kind == "stream":
-        def run():
-            return ace().merge_to_checkpoint(_pool(paths, settings["dtype"]), out,
-                                             max_shard_size=settings["max_shard_size"])
-    elif path_kind == "in_memory":
-        def run():
-            return ace().run(_pool(paths, settings["dtype"]))
-    elif path_kind.startswith("fusion_bench_ta"):
-        from fusion_bench.method import TaskArithmeticAlgorithm
-
-        def run():
-            return TaskArithmeticAlgorithm(scaling_factor=settings["ta_scaling_factor"]).run(
-                _pool(paths, settings["dtype"], lazy=path_kind.endswith("lazy")))
-    elif path_kind in READERS:
-        def run():
-            return read_every_tensor(path_kind, paths["_pretrained_"], settings["dtype"])
-    else:
-        raise ValueError(f"unknown path {path_kind!r}")
-    # imported before the baseline, so that the import does not count as the run's memory
-    import transformers.models.llama.modeling_llama  # noqa: F401
-
-    gc.collect()
-    with PeakSampler() as sampler:
+    dtype = getattr(torch, settings["dtype"])
+    pretrained = open_checkpoint(paths["_pretrained_"], dtype)
+    experts = {name: open_checkpoint(path, dtype) for name, path in paths.items()
+               if name != "_pretrained_"}
+    unit = ace_unit(settings)
+    plan = plan_parameters(pretrained.meta(), unit)
+    seconds = {"read": 0.0, "gram": 0.0, "factor": 0.0}
+    ridge = unit.options.eps
+    for name in pretrained:
         start = time.perf_counter()
-        result = run()
-        seconds = time.perf_counter() - start
-    row = {"path": path_kind, "peak_rss": sampler.peak, "baseline_rss": sampler.start,
-           "seconds": seconds}
-    if isinstance(result, dict):
-        row.update(result)
+        base = pretrained[name]
+        if name in plan.skip:
+            seconds["read"] += time.perf_counter() - start
+            continue
+        stacked = stacked_task_vectors(name, base, experts, device=torch.device("cpu"),
+                                       dtype=torch.float32)
+        seconds["read"] += time.perf_counter() - start
+        if name not in plan.merge:
+            continue
+        start = time.perf_counter()
+        n = stacked.shape[2]
+        gram = torch.zeros(n, n)
+        for task_vector in stacked.unbind(0):
+            gram.add_(torch.mm(task_vector.T, task_vector))
+        seconds["gram"] += time.perf_counter() - start
+        gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + ridge)
+        start = time.perf_counter()
+        torch.linalg.cholesky_ex(gram)
+        seconds["factor"] += time.perf_counter() - start
+        del stacked, gram
+    return {**seconds, "seconds": sum(seconds.values()), "matrices": len(plan.merge)}
+
+
+# --- the runs (each a fresh process, memory sampled from outside) --------------------------------
+
+
+def _sampled(command: List[str], env: dict, cwd: Optional[str] = None,
+             timeout: Optional[float] = None) -> dict:
+    """Run ``command`` with its process tree's memory sampled; its last stdout line (JSON, if
+    any) is merged into the result."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, cwd=cwd)
+    with ProcessTreeSampler(process.pid) as memory:
+        stdout, stderr = process.communicate(timeout=timeout)
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed:\n{(stdout + stderr)[-4000:]}")
+    row = {"wall_seconds": wall, "peak_rss_mib": memory.peak["rss"] / MIB,
+           "peak_anon_mib": (memory.peak["anon"] or 0) / MIB}
+    lines = stdout.strip().splitlines()
+    if lines and lines[-1].startswith("{"):
+        row.update(json.loads(lines[-1]))
     return row
 
 
-def read_every_tensor(reader: str, path: str, dtype: str) -> dict:
-    """Open a checkpoint with ``reader`` and read each tensor once (summing them, so each read
-    is used and then freed)."""
-    start = time.perf_counter()
-    if reader == "safetensors_state_dict":
-        from ..engine.io.reader import open_checkpoint
-
-        state = open_checkpoint(path, getattr(torch, dtype))
-    else:
-        from fusion_bench.utils.lazy_state_dict import LazyStateDict
-        from transformers import AutoModelForCausalLM
-
-        state = LazyStateDict(path, meta_module_class=AutoModelForCausalLM,
-                              torch_dtype=getattr(torch, dtype))
-    opened = time.perf_counter() - start
-    total = 0.0
-    for name in list(state.keys()):
-        total += float(state[name].float().sum())
-    return {"open_seconds": opened, "checksum": total}
+def _env(settings: dict) -> dict:
+    threads = str(settings["threads"])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
-# --- the benchmark ------------------------------------------------------------------------------
+def run_stream(paths: Dict[str, str], settings: dict, root: Path) -> dict:
+    """The streamed ACE merge through ``fusion_bench`` (the command users run)."""
+    pool = {"_target_": "fusion_bench.modelpool.CausalLMPool", "models": paths,
+            "tokenizer": None, "model_kwargs": {"torch_dtype": settings["dtype"]}}
+    configs = root / "config"
+    (configs / "modelpool").mkdir(parents=True, exist_ok=True)
+    (configs / "modelpool" / "bench_llm_pool.yaml").write_text(json.dumps(pool))
+    log_dir, merged = root / "stream_log", root / "merged"
+    command = [str(Path(sys.executable).with_name("fusion_bench")), "--config-name",
+               "ace_model_fusion", "--config-dir", str(configs), f"method={settings['method']}",
+               "modelpool=bench_llm_pool", "~taskpool", f"path.log_dir={log_dir}",
+               f"merged_model_save_path={merged}",
+               f"+merged_model_save_kwargs.max_shard_size={settings['max_shard_size']}",
+               *[f"method.{item}" for item in settings.get("method_overrides", [])]]
+    row = _sampled(command, _env(settings), timeout=settings["worker_timeout_s"])
+    stats = json.loads((log_dir / "merge_stats.json").read_text())
+    row.update({"merge_seconds": stats["merge_seconds"],
+                "merge_peak_anon_mib": stats["peak_anon_mib"],
+                "merge_start_anon_mib": stats["start_anon_mib"],
+                "merge_peak_rss_mib": stats["peak_rss_mib"],
+                "merge_start_rss_mib": stats["start_rss_mib"]})
+    shutil.rmtree(merged, ignore_errors=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return row
 
 
-def _run_worker(kind: str, paths: Dict[str, str], settings: dict, out: Optional[str]) -> dict:
-    command = [sys.executable, "-m", "fusion_bench_ace.bench.llm", "--worker", kind,
-               json.dumps(paths), json.dumps(settings), out or ""]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(settings["threads"])}
-    done = subprocess.run(command, capture_output=True, text=True, env=env,
-                          cwd=PACKAGE_DIR.parent, timeout=settings["worker_timeout_s"])
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_floor(paths: Dict[str, str], settings: dict) -> dict:
+    command = [sys.executable, "-m", "fusion_bench_ace.bench.llm", "--worker", "floor",
+               json.dumps(paths), json.dumps(settings)]
+    return _sampled(command, _env(settings), cwd=str(PACKAGE_DIR.parent),
+                    timeout=settings["worker_timeout_s"])
 
 
-def bench_size(name: str, run: dict, settings: dict, log=print) -> dict:
-    from .layers import bench_model
+MERGEKIT_TIES = """merge_method: ties
+base_model: {base}
+models:
+{models}
+parameters: {{normalize: false}}
+dtype: {dtype}
+"""
 
+
+def run_mergekit(mergekit: str, paths: Dict[str, str], settings: dict, root: Path) -> dict:
+    """MergeKit's TIES (weight 0.3 and density 0.2 per expert: FusionBench's TIES defaults)."""
+    models = "\n".join(f"  - model: {path}\n    parameters: {{weight: 0.3, density: 0.2}}"
+                       for name, path in paths.items() if name != "_pretrained_")
+    config = root / "mergekit_ties.yml"
+    config.write_text(MERGEKIT_TIES.format(base=paths["_pretrained_"], models=models,
+                                           dtype=settings["dtype"]))
+    out = root / "mergekit_out"
+    command = [mergekit, str(config), str(out), "--lazy-unpickle", "--out-shard-size", "1B",
+               "--no-copy-tokenizer"]
+    row = _sampled(command, _env(settings), timeout=settings["worker_timeout_s"])
+    row["merge_seconds"] = row["wall_seconds"]
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def bench_model(name: str, runs: List[str], settings: dict, scratch: Path, mergekit=None,
+                log=print) -> dict:
     spec = settings["models"][name]
-    num_params = sum(_numel(shape) for shape in state_shapes(spec).values())
-    shapes = merged_shapes(spec, settings["exclude_keys"])
-    largest = max((shape for _, shape, _ in shapes), key=_numel)
+    shapes = state_shapes(spec)
+    unit = ace_unit(settings)
+    num_params = sum(_numel(shape) for shape in shapes.values())
+    merged = [shapes[n] for n in shapes if len(shapes[n]) == 2 and
+              unit.treatment(n, shapes[n], torch.float32) == "merge"]
     result = {"model": name, "spec": spec, "num_parameters": num_params,
-              "largest_merged_shape": largest, "rows": []}
-    log(f"[bench llm] {name}: {num_params / 1e9:.2f} B parameters")
-    layer_settings = {k: settings[k] for k in ("eps", "tau", "k_frac", "seed")}
-    for num_tasks in run["tasks"]:
-        with tempfile.TemporaryDirectory(prefix="ace_bench_llm_",
-                                         dir=settings.get("scratch")) as scratch:
-            root = Path(scratch)
-            start = time.perf_counter()
-            paths = write_synthetic_pool(root / "pool", spec, num_tasks, settings)
-            log(f"[bench llm]   T={num_tasks}: wrote {num_tasks + 1} checkpoints in "
-                f"{time.perf_counter() - start:.0f} s")
-            if num_tasks == run["tasks"][0]:
-                for reader in READERS:
-                    row = _run_worker(reader, paths, settings, None)
-                    result.setdefault("readers", []).append(row)
-                    log(f"[bench llm]   reader {reader}: open {row['open_seconds']:.2f} s, "
-                        f"all tensors {row['seconds']:.1f} s, peak - baseline "
-                        f"{(row['peak_rss'] - row['baseline_rss']) / 2**20:.0f} MiB")
-            for kind in run["paths"]:
-                out = str(root / "merged") if kind == "stream" else None
-                row = {"tasks": num_tasks, **_run_worker(kind, paths, settings, out)}
-                result["rows"].append(row)
-                log(f"[bench llm]   T={num_tasks} {kind}: peak - baseline "
-                    f"{(row['peak_rss'] - row['baseline_rss']) / 2**20:.0f} MiB, "
-                    f"{row['seconds']:.1f} s")
-        with torch.no_grad():
-            layers = bench_model(name, shapes, num_tasks, ["ours", "floor"], 1, layer_settings,
-                                 torch.device("cpu"), log=lambda *a: None)
-        times = {impl: layers["impls"][impl]["seconds"] for impl in ("ours", "floor")}
-        result.setdefault("layer_times", {})[num_tasks] = times
-        log(f"[bench llm]   T={num_tasks} layer bench: ours {times['ours']:.1f} s, floor "
-            f"{times['floor']:.1f} s")
+              "ace_matrices": len(merged), "largest_merged_shape": max(merged, key=_numel),
+              "tasks": settings["tasks"], "rows": {}}
+    root = scratch / name
+    start = time.perf_counter()
+    paths = write_synthetic_pool(root / "pool", spec, settings["tasks"], settings)
+    log(f"[bench llm] {name}: {num_params / 1e9:.2f} B parameters, wrote "
+        f"{settings['tasks'] + 1} checkpoints in {time.perf_counter() - start:.0f} s")
+    for run in runs:
+        if run == "stream":
+            row = run_stream(paths, settings, root)
+        elif run == "floor":
+            row = run_floor(paths, settings)
+        elif run == "mergekit_ties":
+            if mergekit is None:
+                continue
+            row = run_mergekit(mergekit, paths, settings, root)
+        else:
+            raise ValueError(f"unknown run {run!r}; expected one of {RUNS}")
+        result["rows"][run] = row
+        log(f"[bench llm]   {run}: {row.get('merge_seconds', row.get('seconds', 0)):.1f} s, "
+            f"peak anonymous {row['peak_anon_mib']:.0f} MiB, RSS {row['peak_rss_mib']:.0f} MiB")
+    shutil.rmtree(root, ignore_errors=True)
     return result
 
 
+# --- the report --------------------------------------------------------------------------------
+
+
+def _cell(value, digits=1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def render(report: dict) -> str:
-    header = report["header"]
-    machine = header["machine"]
+    header, settings = report["header"], report["settings"]
     lines = [
-        "# Merging causal LMs: peak memory and merge time",
+        f"# Merging causal LMs ({header['mode']}): time against the floor, memory as it fails",
         "",
-        f"- command: `{header['command']}` (settings `{header['settings_file']}`)",
-        f"- git commit: {header['git_commit']}"
-        + (" (with uncommitted changes)" if header["git_dirty"] else ""),
-        f"- machine: {machine['cpu']}, {machine['cpu_count']} cores, {machine['memory']}, "
-        f"{header['threads']} torch thread(s); shared with other jobs (load average at start "
-        f"{header['load_start']}, at end {header['load_end']})",
-        f"- date: {header['date_utc']} UTC",
-        f"- ACE eps={header['eps']}, tau={header['tau']}, k_frac={header['k_frac']}, "
-        f"exclude_keys={header['exclude_keys']}; experts in {header['dtype']}, shards of "
-        f"{header['max_shard_size']}",
+        *provenance.markdown_lines(header),
+        f"- settings: `{settings['config_file']}`, mode `{header['mode']}`; method "
+        f"`{settings['method']}` {settings.get('method_overrides') or ''}, T = "
+        f"{settings['tasks']} synthetic experts in {settings['dtype']}, "
+        f"{settings['threads']} torch thread(s) per process",
+        f"- load average (1, 5, 15 min) at start {header['load_start']}, at end "
+        f"{header['load_end']}",
         "",
-        "Synthetic Llama-shaped experts (random weights; expert t = pretrained + noise), written "
-        "as sharded safetensors. Each row is one fresh process; `peak − baseline` = resident "
-        "memory sampled every ms during the run minus the value after imports. `T × largest` = "
-        "the task vectors of the largest merged parameter in float32, which the driver stacks. "
-        "`floor` = Σ over the model's merged layers of the unavoidable operations "
-        "(one Gram product per task, one Cholesky solve, one SVD for heterogeneous layers), "
-        "timed on random task vectors of the same shapes; `merge / floor` compares the whole "
-        "run (reading, merging, writing) with it.",
+        "Memory is the process tree's, sampled every 5 ms from outside: RSS counts the file pages "
+        "of memory-mapped checkpoints, which the kernel can drop; anonymous memory (`RssAnon`) is "
+        "what runs a machine out of memory. `merge s` is the merge alone (`merge_stats.json`: "
+        "reading, merging, writing; not the start-up); the floor is reading + the T Gram "
+        "products + one Cholesky factorisation per ACE matrix.",
         "",
-        "| model | params | T | path | peak − baseline MiB | model MiB | T × largest MiB | "
-        "run s | floor s | run / floor |",
+        "| model | parameters | ACE matrices | run | merge s | wall s | merge / floor | "
+        "peak anon MiB | peak RSS MiB | in-process anon at start / peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for size in report["sizes"]:
-        model_mib = size["num_parameters"] * 2 / 2**20
-        numel = _numel(size["largest_merged_shape"])
-        for row in size["rows"]:
-            t = row["tasks"]
-            floor = size.get("layer_times", {}).get(t, {}).get("floor")
-            merged = row["path"] in ("stream", "in_memory")
+    for result in report["models"]:
+        rows = result["rows"]
+        floor_s = rows.get("floor", {}).get("seconds")
+        for run, row in rows.items():
+            seconds = row.get("merge_seconds", row.get("seconds"))
+            inside = ("–" if "merge_start_anon_mib" not in row else
+                      f"{row['merge_start_anon_mib']:.0f} / {row['merge_peak_anon_mib']:.0f}")
+            ratio = (f"{seconds / floor_s:.2f}" if floor_s and run != "floor" and seconds
+                     else "–")
             lines.append(
-                f"| {size['model']} | {size['num_parameters'] / 1e9:.2f} B | {t} | {row['path']} "
-                f"| {(row['peak_rss'] - row['baseline_rss']) / 2**20:.0f} | {model_mib:.0f} | "
-                f"{t * numel * 4 / 2**20:.0f} | {row['seconds']:.1f} | "
-                + (f"{floor:.1f} | {row['seconds'] / floor:.2f} |" if merged and floor else
-                   " | |"))
-    lines += ["", "Lazy readers alone: open the pretrained checkpoint, read every tensor once.",
-              "", "| model | reader | open s | read all s | peak − baseline MiB |",
-              "|---|---|---|---|---|"]
-    for size in report["sizes"]:
-        for row in size.get("readers", []):
-            lines.append(f"| {size['model']} | {row['path']} | {row['open_seconds']:.2f} | "
-                         f"{row['seconds']:.1f} | "
-                         f"{(row['peak_rss'] - row['baseline_rss']) / 2**20:.0f} |")
-    skipped = report.get("skipped") or []
-    if skipped:
-        lines += ["", "Not run: " + "; ".join(skipped)]
+                f"| {result['model']} | {result['num_parameters'] / 1e9:.2f} B | "
+                f"{result['ace_matrices']} | {run} | {_cell(seconds)} | "
+                f"{_cell(row['wall_seconds'])} | {ratio} | {row['peak_anon_mib']:.0f} | "
+                f"{row['peak_rss_mib']:.0f} | {inside} |")
+    floors = [(r["model"], r["rows"]["floor"]) for r in report["models"] if "floor" in r["rows"]]
+    if floors:
+        lines += ["", "The floor's parts (s):", "", "| model | read | T Gram products | "
+                  "factorisations | total |", "|---|---|---|---|---|"]
+        for model, row in floors:
+            lines.append(f"| {model} | {row['read']:.1f} | {row['gram']:.1f} | "
+                         f"{row['factor']:.1f} | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.bench.llm",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes, for tests")
+    parser.add_argument("--mode", default="scale", help="a mode of the settings (scale, peer, "
+                        "memory, tiny)")
+    parser.add_argument("--models", nargs="*", help="only these models of the mode")
     parser.add_argument("--config", default=None, help="default: bench/llm.yaml of the configs")
-    parser.add_argument("--out", default=None, help="output folder (default: config's out)")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None,
+                        help="output folder (default outputs/bench/llm/<mode>-<time>)")
+    parser.add_argument("--scratch", default=None, help="where the synthetic checkpoints go "
+                        "(a new folder is made inside; default: the system's temp dir)")
+    parser.add_argument("--keep-scratch", action="store_true")
+    parser.add_argument("--mergekit", default=None,
+                        help="mergekit-yaml of a MergeKit environment (mode peer)")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        kind, paths, settings, out = args.worker
+        kind, paths, settings = args.worker
         settings = json.loads(settings)
         torch.set_num_threads(settings["threads"])
-        print(json.dumps(worker(kind, json.loads(paths), settings, out or None)))
+        if kind != "floor":
+            raise ValueError(f"unknown worker {kind!r}")
+        print(json.dumps(floor(json.loads(paths), settings)))
         return {}
     settings = load_settings(args.config)
-    mode = "tiny" if args.tiny else "llm"
-    torch.set_num_threads(settings["threads"])
-    argv_used = sys.argv[1:] if argv is None else list(argv)
+    mode = settings["modes"][args.mode]
+    settings.update(mode.get("settings", {}))
+    out = new_output_dir(args.out, "llm", args.mode)
     header = {
-        "mode": mode,
-        **provenance.collect(" ".join(["python -m fusion_bench_ace.bench.llm", *argv_used]),
-                             "cpu"),
-        "settings_file": settings["config_file"],
+        "mode": args.mode,
+        **provenance.collect(" ".join(["python -m fusion_bench_ace.bench.llm",
+                                       *(sys.argv[1:] if argv is None else argv)]), "cpu"),
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        **{k: settings[k] for k in ("eps", "tau", "k_frac", "exclude_keys", "dtype",
-                                    "max_shard_size", "threads")},
     }
-    sizes = [bench_size(run["model"], run, settings) for run in settings["modes"][mode]["runs"]]
-    header["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    report = {"header": header, "sizes": sizes,
-              "skipped": settings["modes"][mode].get("not_run", [])}
-    text = render(report)
-    print(text)
-    out = Path(args.out or settings["out"]).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"llm_bench_{mode}.md").write_text(text)
-    (out / f"llm_bench_{mode}.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out / f'llm_bench_{mode}.md'} and .json")
-    return report
+    scratch = Path(tempfile.mkdtemp(prefix="ace_bench_llm_", dir=args.scratch))
+    results = []
+    try:
+        for run in mode["runs"]:
+            if args.models and run["model"] not in args.models:
+                continue
+            results.append(bench_model(run["model"], run["paths"], settings, scratch,
+                                       mergekit=args.mergekit))
+            report = {"header": {**header, "load_end": " ".join(
+                f"{x:.2f}" for x in os.getloadavg())}, "settings": settings, "models": results}
+            # written after every model: a long run that is stopped keeps what it measured
+            (out / "llm_bench.json").write_text(json.dumps(report, indent=1) + "\n")
+            (out / "llm_bench.md").write_text(render(report))
+    finally:
+        if not args.keep_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print((out / "llm_bench.md").read_text() if results else "nothing run")
+    print(f"wrote {out}")
+    return report if results else {}
 
 
 if __name__ == "__main__":

@@ -194,9 +194,13 @@ def compute_statistics(
                 for key, value in contribution.items():
                     value = value.detach().to("cpu")
                     if value.is_floating_point():
-                        floating[key] = value
+                        # kept as Python numbers: small tensors living across the walk would
+                        # pin the allocator's heap under every parameter's freed buffers
+                        floating[key] = (value.dtype, tuple(value.shape), value.tolist())
+                    elif key in exact:
+                        exact[key] += value
                     else:
-                        exact[key] = exact[key] + value if key in exact else value.clone()
+                        exact[key] = value.clone()
                 if floating:
                     ordered.append((name, floating))
             return exact, ordered
@@ -209,7 +213,8 @@ def compute_statistics(
             ordered = [item for share in ranks.all_gather(ordered) for item in share]
         totals = dict(exact)
         for _, floating in sorted(ordered, key=lambda item: item[0]):
-            for key, value in floating.items():
+            for key, (dtype, shape, values) in floating.items():
+                value = torch.tensor(values, dtype=dtype).reshape(shape)
                 totals[key] = totals[key] + value if key in totals else value
         method.absorb(pass_index, totals)
         pass_index += 1

@@ -70,8 +70,8 @@ def read_worker(root: str, num_tasks: int, reader: str) -> dict:
     return {
         "tasks": num_tasks,
         "reader": reader,
-        "peak_rss": sampler.peak,
-        "baseline_rss": sampler.start,
+        "peak_rss": sampler.peak["rss"],
+        "baseline_rss": sampler.start["rss"],
         "seconds": seconds,
         "stacked_bytes": largest,
     }
