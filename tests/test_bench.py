@@ -130,3 +130,17 @@ def test_llm_bench_end_to_end_tiny(tmp_path):
     assert report["header"]["mode"] == "tiny"
     with pytest.raises(FileExistsError, match="does not overwrite"):
         llm_main(["--mode", "tiny", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_distributed_bench_tiny_one_and_two_processes(tmp_path):
+    from fusion_bench_ace.bench.distributed import main as distributed_main
+
+    out = tmp_path / "distributed"
+    report = distributed_main(["--tiny", "--processes", "1", "2", "--out", str(out)])
+    one, two = report["result"]["runs"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["digests"] == two["digests"]  # the same bytes
+    assert [r["rank"] for r in two["ranks"]] == [0, 1]
+    assert all(r["peak_anon_mib"] > 0 for r in two["ranks"])
+    assert "| 2 |" in (out / "distributed_tiny_T8.md").read_text()

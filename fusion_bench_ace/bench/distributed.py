@@ -1,15 +1,18 @@
 """One ACE merge across processes: wall time and load balance against one process.
 
-``python -m fusion_bench_ace.bench.distributed [--tiny] [--out DIR]`` (settings:
-``config/bench/distributed.yaml``) writes synthetic GPT-2-shaped experts (``T`` of them, random
-weights as :func:`fusion_bench_ace.bench.llm.write_synthetic_checkpoints` makes them), then, for
+``python -m fusion_bench_ace.bench.distributed [--model NAME | --tiny] [--out DIR]`` (settings:
+``config/bench/distributed.yaml``) writes synthetic GPT-2- or Llama-shaped experts (``T`` of
+them, random weights as :func:`fusion_bench_ace.bench.llm.write_synthetic_checkpoints` makes
+them), then, for
 each number of processes N, runs ``ACEMerging.merge_to_checkpoint`` under
 ``torchrun --standalone --nproc-per-node N`` (gloo, one torch thread per process, every merged
 tensor written straight to its shard) and reports per N: the merge's wall time (the slowest rank's
 ``merge_to_checkpoint``), the speed-up over one process, per rank the time spent in ACE's per-matrix
 math and the number of tensors, the load balance (max/min over ranks of that time, and of the
 estimated work that decided the partition), and whether the checkpoint is byte-identical to one
-process's. The machine's load average before and after each run says how shared it was.
+process's, and each rank's peak anonymous memory. The machine's load average before and after
+each run says how shared it was. Results go to a new folder (``--out``, default
+``outputs/bench/distributed/<model>-<time>``), never over an existing one.
 """
 
 from __future__ import annotations
@@ -28,13 +31,27 @@ from typing import Dict, List, Optional
 
 from .. import provenance
 from ..paths import PACKAGE_DIR, config_dir
+from .output import new_output_dir
 
 
 def load_settings(path: Optional[str | Path] = None) -> dict:
     from omegaconf import OmegaConf
 
     path = Path(path) if path else config_dir() / "bench" / "distributed.yaml"
-    return {"config_file": str(path), **OmegaConf.to_container(OmegaConf.load(path), resolve=True)}
+    try:  # results name the settings file relative to the checkout, never the machine's path
+        shown = str(path.resolve().relative_to(PACKAGE_DIR.parent))
+    except ValueError:
+        shown = path.name
+    return {"config_file": shown, **OmegaConf.to_container(OmegaConf.load(path), resolve=True)}
+
+
+def model_shapes(entry: dict):
+    """``({name: shape}, config)`` of a ``models`` entry of the settings (GPT-2 or Llama)."""
+    if entry["arch"] == "gpt2":
+        return gpt2_shapes(entry["spec"])
+    from .llm import llama_config, state_shapes
+
+    return state_shapes(entry["spec"]), llama_config(entry["spec"])
 
 
 def gpt2_shapes(spec: dict):
@@ -58,6 +75,7 @@ def worker(paths: Dict[str, str], settings: dict, out: str, result_dir: str) -> 
     from fusion_bench.modelpool import CausalLMPool
 
     from ..algorithms.ace import ACEMerging
+    from ..memory import MemorySampler
 
     torch.set_num_threads(settings["threads"])
     method = ACEMerging(eps=settings["eps"], tau=settings["tau"], k_frac=settings["k_frac"],
@@ -81,16 +99,17 @@ def worker(paths: Dict[str, str], settings: dict, out: str, result_dir: str) -> 
     method.build_method = timed_build
     pool = CausalLMPool(models=dict(paths), tokenizer=None,
                         model_kwargs={"torch_dtype": settings["dtype"]})
-    start = time.perf_counter()
-    method.merge_to_checkpoint(pool, out, max_shard_size=settings["max_shard_size"])
-    seconds = time.perf_counter() - start
+    with MemorySampler() as memory:
+        start = time.perf_counter()
+        method.merge_to_checkpoint(pool, out, max_shard_size=settings["max_shard_size"])
+        seconds = time.perf_counter() - start
     rank = int(os.environ.get("RANK", "0"))
     partition = method.partition or {"rank": 0, "world_size": 1, "work_per_rank": None,
                                      "tensors": None}
     record = {**partition, "rank": rank, "merge_seconds": seconds,
               "ace_matrix_seconds": sum(t for _, t in matrix_times), "matrix_times": matrix_times,
               "ace_matrices": len(matrix_times),
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), **memory.mib()}
     Path(result_dir, f"rank_{rank}.json").write_text(json.dumps(record))
 
 
@@ -129,7 +148,7 @@ def run_processes(count: int, paths: Dict[str, str], settings: dict, root: Path)
 
 
 def measure(settings: dict, model: str, log=print) -> dict:
-    shapes, config = gpt2_shapes(settings["models"][model])
+    shapes, config = model_shapes(settings["models"][model])
     from .llm import write_synthetic_checkpoints
 
     with tempfile.TemporaryDirectory(prefix="ace_bench_distributed_",
@@ -146,7 +165,7 @@ def measure(settings: dict, model: str, log=print) -> dict:
             runs.append(run_processes(count, paths, settings, root))
             log(f"[bench distributed]   {count} process(es): merge "
                 f"{runs[-1]['merge_seconds']:.1f} s")
-    return {"model": model, "spec": settings["models"][model], "runs": runs}
+    return {"model": model, "spec": settings["models"][model]["spec"], "runs": runs}
 
 
 def _numel(shape) -> int:
@@ -177,9 +196,9 @@ def render(report: dict) -> str:
         "after each run says how busy it was; every process ran under that contention",
         "",
         "| processes | merge s | speed-up | ACE math s per rank | tensors per rank | "
-        "max/min ACE math s | max/min estimated work | same bytes as 1 process | load before | "
-        "load after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "max/min ACE math s | max/min estimated work | same bytes as 1 process | "
+        "peak anon MiB per rank | load before | load after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         ranks = run["ranks"]
@@ -193,6 +212,7 @@ def render(report: dict) -> str:
             + _ratio([r["ace_matrix_seconds"] for r in ranks]) + " | "
             + (_ratio(estimated) if estimated else "–") + " | "
             + ("yes" if run["digests"] == first["digests"] else "**no**") + " | "
+            + " / ".join(f"{r.get('peak_anon_mib') or 0:.0f}" for r in ranks) + " | "
             + " / ".join(f"{x:.1f}" for x in run["load_before"]) + " | "
             + " / ".join(f"{x:.1f}" for x in run["load_after"]) + " |"
         )
@@ -250,8 +270,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m fusion_bench_ace.bench.distributed",
                                      description=__doc__)
     parser.add_argument("--settings", help="default: config/bench/distributed.yaml")
+    parser.add_argument("--model", help="a model of the settings (default: its `model`)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (a quick check)")
-    parser.add_argument("--out", type=Path, help="default: the settings' out")
+    parser.add_argument("--out", help="a new folder (default outputs/bench/distributed/...)")
     parser.add_argument("--processes", type=int, nargs="+",
                         help="numbers of processes, in the order run (default: the settings'); "
                         "repeat one (1 2 1) to see how much the machine's load moved")
@@ -259,13 +280,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     settings = load_settings(args.settings)
     if args.processes:
         settings["processes"] = args.processes
-    model = settings["tiny_model" if args.tiny else "model"]
+    model = args.model or settings["tiny_model" if args.tiny else "model"]
+    settings.update(settings["models"][model].get("settings", {}))
+    out = new_output_dir(args.out, "distributed", model)
     header = provenance.collect(
         " ".join(["python -m fusion_bench_ace.bench.distributed", *argv]))
     report = {"header": header, "settings": settings, "result": measure(settings, model)}
     text = render(report)
-    out = args.out or Path(settings["out"])
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"distributed_{model}_T{settings['tasks']}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (out / f"{stem}.md").write_text(text)
