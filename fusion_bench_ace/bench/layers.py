@@ -3,7 +3,9 @@
 Implementations (``IMPLS``), all run interleaved on the same tensors (rotating order, ``repeats``
 times, median):
 
-- ``ours``: :func:`fusion_bench_ace.methods.ace.ace_merge_layer`;
+- ``ours``: :func:`fusion_bench_ace.methods.ace.ace_merge_layer` (``precision="float32"``, the
+  default: one float32 pass);
+- ``ours_float64``: the same with ``precision="float64"`` (the exact merge of the inputs);
 - ``reference``: :mod:`fusion_bench_ace.bench.reference`, structured like the authors' code
   (per-task products, explicit inverse, traces via full ``WᵀW``, full SVD);
 - ``tsvm``: FusionBench's TSV-M merge math (``TSVM_utils.compute_and_sum_svd_mem_reduction``),
@@ -32,13 +34,19 @@ from torch import Tensor
 
 from .measure import measure
 
-IMPLS = ("ours", "reference", "tsvm", "floor", "floor_wsigma")
+IMPLS = ("ours", "ours_float64", "reference", "tsvm", "floor", "floor_wsigma")
 
 
 def _ours(stacked: Tensor, eps: float, tau: float, k_frac: float) -> Tensor:
     from ..methods.ace import ace_merge_layer
 
     return ace_merge_layer(stacked, eps, tau, k_frac)
+
+
+def _ours_float64(stacked: Tensor, eps: float, tau: float, k_frac: float) -> Tensor:
+    from ..methods.ace import ace_merge_layer
+
+    return ace_merge_layer(stacked, eps, tau, k_frac, precision="float64")
 
 
 def _reference(stacked: Tensor, eps: float, tau: float, k_frac: float) -> Tensor:
@@ -84,7 +92,8 @@ def _floor(stacked: Tensor, eps: float, tau: float, k_frac: float, *, wsigma=Fal
     return solved
 
 
-IMPL_FUNCS: Dict[str, Callable] = {"ours": _ours, "reference": _reference, "tsvm": _tsvm}
+IMPL_FUNCS: Dict[str, Callable] = {"ours": _ours, "ours_float64": _ours_float64,
+                                   "reference": _reference, "tsvm": _tsvm}
 def _task_vectors(shape, num_tasks, heterogeneous, seed, device) -> Tensor:
     generator = torch.Generator(device=device).manual_seed(seed)
     if heterogeneous:  # three decades of scale: gamma ~ 2-7 >> tau = 0.3 on these shapes
