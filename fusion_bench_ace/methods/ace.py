@@ -61,11 +61,12 @@ Choices where the paper is silent or the authors' code (``unravel-xu/ACE-Merging
 - **Dtypes.** float64 inputs are computed in float64, float32/float16/bfloat16 in float32 (or
   float64 with ``precision="float64"``); the result is cast back to the input dtype. In float32 the
   energies, γ and the task weights are float64 scalars, and the refinement's top-``k`` singular
-  triplets come from a float64 eigendecomposition of the smaller Gram matrix of ``W_pre + Δ_res``
-  (``F Fᵀ`` or ``Fᵀ F``): the same triplets as an SVD, 2-4x cheaper on rectangular layers; a
-  float32 Gram would lose the small singular values of fast-decaying spectra (measured: relative
-  error 0.5 against 2e-4). If ``σ_k`` is numerically zero (rank-deficient ``F``, singular vectors
-  not unique) the refinement uses ``torch.linalg.svd``. float64 inputs keep the SVD.
+  triplets come from an eigendecomposition of the smaller Gram matrix of ``W_pre + Δ_res``
+  (``F Fᵀ`` or ``Fᵀ F``): the same triplets as an SVD, 2-4x cheaper on rectangular layers; in
+  float32 when ``σ_k² >= 1e-3 σ_1²``, else in float64, because a float32 Gram loses the small
+  singular values of fast-decaying spectra (measured: relative error 0.5 against 2e-4). If ``σ_k``
+  is numerically zero (rank-deficient ``F``, singular vectors not unique) the refinement uses
+  ``torch.linalg.svd``. float64 inputs keep the SVD.
 - **Short layers** (``T d_out <= d_in``, e.g. ViT's 50 x 768 position embedding with 8 tasks, or a
   Llama's 2048 x 8192 ``down_proj`` with 3): the summed Gram is singular but for ε, and float32
   rounding in its null space is amplified by ~1/ε (measured: relative error 16 on the position
@@ -151,6 +152,9 @@ _ENERGY_CHUNK = 1 << 20  # elements squared at a time for the energies (bounded 
 # tracks at ε = 1e-5 ... 1, both branches: relative error <= 2.5 u κ_est (median 0.2-2).
 _FLOAT32_ERROR_PER_CONDITION = 3.0
 _CONDITION_ITERATIONS = 10
+# the refinement's float32 Gram is used when σ_k² / σ_1² is at least this: its float32 rounding
+# (~√d u σ_1²) then stays three decades below σ_k²
+_FLOAT32_GRAM_FLOOR = 1e-3
 _FLOAT32_EPS = torch.finfo(torch.float32).eps / 2  # u = 2^-24, the unit roundoff
 
 EPS_MODES = ("absolute", "relative")
@@ -955,18 +959,27 @@ def _add_gram_upper(acc: Tensor, x: Tensor, alpha: float, lo: int, hi: int) -> N
 def _isotropic_top_k(fused: Tensor, k: int) -> tuple[Tensor, float]:
     """``σ̄_k U_k V_kᵀ`` of ``fused`` (Eqs. 18-19), in ``fused``'s dtype, and its amplification.
 
-    float32: from a float64 eigendecomposition of the smaller Gram matrix (same triplets as the
-    SVD, more accurate than a float32 SVD, cheaper); float64, or a numerically zero ``σ_k``
-    (singular vectors not unique): ``torch.linalg.svd``. The amplification
-    (:func:`_refinement_amplification`) is computed on the float32 path only (0 otherwise).
+    float32: from an eigendecomposition of the smaller Gram matrix (``F Fᵀ`` or ``Fᵀ F``, the
+    same triplets as the SVD, cheaper), in float32 when the spectrum at ``k`` stands well above
+    float32 rounding of the Gram (``σ_k² >= 1e-3 σ_1²``), else in float64 (a float32 Gram would
+    lose the small singular values of fast-decaying spectra: measured relative error 0.5 against
+    2e-4); float64 inputs, or a numerically zero ``σ_k`` (singular vectors not unique):
+    ``torch.linalg.svd``. The amplification (:func:`_refinement_amplification`) is computed on the
+    float32 path only (0 otherwise).
     """
     m, n = fused.shape
     if fused.dtype != torch.float64:
-        f = fused.to(torch.float64)
         wide = m <= n
-        eigenvalues, eigenvectors = torch.linalg.eigh(f @ f.T if wide else f.T @ f)
+        gram = _gram(fused.T if wide else fused)
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        del gram
+        f = fused
+        if float(eigenvalues[-k]) < _FLOAT32_GRAM_FLOOR * float(eigenvalues[-1]):
+            f = fused.to(torch.float64)
+            eigenvalues, eigenvectors = torch.linalg.eigh(f @ f.T if wide else f.T @ f)
         top = eigenvalues[-k:].flip(0)  # descending σ_1² .. σ_k²
-        cutoff = float(eigenvalues[-1]) * min(m, n) * 16 * torch.finfo(torch.float64).eps
+        cutoff = (float(eigenvalues[-1]) * min(m, n) * 16
+                  * torch.finfo(eigenvalues.dtype).eps)
         if float(top[-1]) > cutoff:
             singular = top.sqrt()
             vectors = eigenvectors[:, -k:].flip(1)
@@ -974,7 +987,7 @@ def _isotropic_top_k(fused: Tensor, k: int) -> tuple[Tensor, float]:
                 product = vectors @ ((vectors.T @ f) / singular.unsqueeze(1))
             else:  # V_k, and U_k = F V_k Σ_k^-1
                 product = ((f @ vectors) / singular) @ vectors.T
-            every = eigenvalues.clamp(min=0).flip(0).sqrt()  # σ_1 >= ... >= σ_min(m,n)
+            every = eigenvalues.to(torch.float64).clamp(min=0).flip(0).sqrt()  # σ_1 >= ...
             amplification = _refinement_amplification(every, k, m, n)
             return product.mul_(singular.mean()).to(fused.dtype), amplification
     u, s, vh = torch.linalg.svd(fused, full_matrices=False)
