@@ -182,3 +182,52 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     assert done.returncode != 0
     assert "rank 1: ValueError: rank one cannot" in output
     assert "rank 0: RuntimeError: rank(s) [1] of the merge failed" in output
+
+
+class RecordingCheckpoint(dict):
+    """A state dict that records which names are read (a lazy checkpoint's reads)."""
+
+    def __init__(self, state, reads):
+        super().__init__(state)
+        self.reads = reads
+
+    def __getitem__(self, name):
+        self.reads.add(name)
+        return super().__getitem__(name)
+
+
+@pytest.mark.parametrize("method", ["ace", "ties_merging_nan"])
+def test_a_rank_reads_only_the_tensors_it_merges(tiny_pool, tmp_path, method):
+    from fusion_bench_ace.engine.distributed import Ranks
+    from fusion_bench_ace.engine.driver import (
+        compute_statistics,
+        create_checkpoint_files,
+        plan_parameters,
+        share_of,
+        write_merged_checkpoint,
+    )
+    from fusion_bench_ace.engine.io.reader import open_checkpoint
+    from fusion_bench_ace.engine.selection import NamePatterns
+
+    def load(path):
+        lazy = open_checkpoint(path)
+        return {name: lazy[name] for name in lazy}
+
+    reads = set()
+    pretrained = RecordingCheckpoint(load(tiny_pool["models"]["_pretrained_"]), reads)
+    experts = {name: RecordingCheckpoint(load(path), reads)
+               for name, path in tiny_pool["models"].items() if name != "_pretrained_"}
+    unit = (ACE(ACEOptions(), exclude=NamePatterns.compile(LLM_EXCLUDES, "exclude_keys"))
+            if method == "ace" else TiesMergingNAN(list(experts)))
+    plan = plan_parameters(pretrained, unit)
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in pretrained.items()]
+    share = share_of(Ranks(rank=1, world_size=2), specs, plan, unit, len(experts))
+    assert 0 < len(share.names) < len(specs)
+    reads.clear()
+    create_checkpoint_files(tmp_path, specs, "3KB")
+    # in one process the share's own totals stand in for those gathered from every rank
+    compute_statistics(unit, pretrained, experts, plan, names=share.names)
+    write_merged_checkpoint(tmp_path, pretrained, experts, unit, plan, specs=specs,
+                            max_shard_size="3KB", names=share.names, create_files=False,
+                            write_index=False)
+    assert reads == set(share.names)

@@ -599,3 +599,82 @@ def test_cli_ties_merging_nan_on_tiny_gpt2(tmp_path):
     assert merged.keys() == in_process.state_dict().keys()
     for key, tensor in in_process.state_dict().items():
         torch.testing.assert_close(merged[key], tensor, rtol=1e-6, atol=1e-7, msg=key)
+
+
+# ------------------------------------------- TIES one parameter at a time = FusionBench's TIES
+
+
+def _ties_case(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = {"a": torch.randn(40, 30, generator=g, dtype=dtype),
+            "b": torch.randn(77, generator=g, dtype=dtype),
+            "c": torch.randn(5, 9, generator=g, dtype=dtype) * 1e-3}
+    experts = {f"e{i}": {k: v + (i + 1) * 0.1 * torch.randn(v.shape, generator=g, dtype=dtype)
+                         for k, v in base.items()} for i in range(3)}
+    experts["e0"]["b"][:10] = base["b"][:10]  # zeros in one task vector
+    experts["e1"]["a"][0, :6] = base["a"][0, :6] + 0.125  # equal magnitudes across the cut
+    experts["e2"]["a"][0, :6] = base["a"][0, :6] + 0.125
+    return base, experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("granularity", ["model", "layer"])
+@pytest.mark.parametrize("merge_func, threshold", [("sum", 20), ("mean", 20), ("max", 20),
+                                                   ("sum", 0.5), ("mean", 99)])
+def test_ties_unit_is_fusion_bench_ties_on_the_flattened_model(dtype, granularity, merge_func,
+                                                               threshold):
+    from fusion_bench.method.ties_merging.ties_merging_utils import (
+        state_dict_to_vector,
+        ties_merging,
+        vector_to_state_dict,
+    )
+
+    from fusion_bench_ace.engine.driver import (
+        compute_statistics,
+        merged_tensors,
+        plan_parameters,
+    )
+    from fusion_bench_ace.methods.nan import TiesMergingNAN
+
+    base, experts = _ties_case(dtype)
+    unit = TiesMergingNAN(list(experts), norm_target="task_vector", granularity=granularity,
+                          scale=0.9, threshold=threshold, merge_func=merge_func)
+    plan = plan_parameters(base, unit)
+    compute_statistics(unit, base, experts, plan)
+    got = dict(merged_tensors(base, experts, unit, plan))
+    # the reference: FusionBench's TIES on the flattened α-weighted task vectors, same α
+    flat_tv = torch.vstack([state_dict_to_vector(s) for s in experts.values()]) \
+        - state_dict_to_vector(base)
+    if granularity == "model":
+        flat_tv.mul_(unit.alpha.to(dtype).unsqueeze(1))
+    else:
+        alpha = {row["name"]: row["alpha"] for row in unit.layer_rows}
+        flat_tv.mul_(torch.vstack([state_dict_to_vector(
+            {k: torch.full(v.shape, alpha[k][i], dtype=dtype) for k, v in base.items()})
+            for i in range(3)]))
+    merged = ties_merging(flat_tv, reset_thresh=threshold, merge_func=merge_func)
+    reference = vector_to_state_dict(state_dict_to_vector(base) + 0.9 * merged, base)
+    for key in base:
+        assert torch.equal(got[key], reference[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_selection_is_kthvalue(dtype):
+    from fusion_bench_ace.methods import ties
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(3, 500, generator=g, dtype=dtype) * torch.logspace(-30, 30, 500,
+                                                                           dtype=dtype)
+    values[0, :50] = 0.0
+    values[1, :100] = -values[1, 100:200]  # every magnitude twice
+    values[2, :3] = torch.finfo(dtype).tiny / 4  # subnormal
+    pieces = [values[:, :123], values[:, 123:]]
+    for k in (1, 2, 250, 499, 500):
+        prefix, ranks = None, [k] * 3
+        for shift in ties.digit_shifts(dtype):
+            histogram = sum(ties.digit_histogram(p, shift, prefix) for p in pieces)
+            bucket, remaining = ties.bucket_of_rank(histogram, ranks)
+            ranks = remaining.tolist()
+            prefix = bucket if prefix is None else (prefix << 16) | bucket
+        assert torch.equal(ties.threshold_values(prefix, dtype),
+                           values.abs().kthvalue(k, dim=1).values), k

@@ -74,6 +74,8 @@ def plan_parameters(
             "no parameter left to merge: the method keeps every parameter at its pretrained "
             "value (check its exclude_keys / remove_keys) or none is floating point"
         )
+    method.planned({name: (tuple(pretrained[name].shape), compute_dtype_for(pretrained[name].dtype))
+                    for name in groups[MERGE]})
     return ParameterPlan(tuple(groups[MERGE]), tuple(groups[AVERAGE]), tuple(groups[KEEP]),
                          frozenset(transpose_keys))
 

@@ -14,7 +14,7 @@ No FusionBench import, no I/O.
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Mapping, Optional, Sequence, Type
+from typing import ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -46,6 +46,10 @@ class TensorMergeMethod:
         """:data:`MERGE`, :data:`AVERAGE` or :data:`KEEP` for one parameter of the pretrained
         model (decided from its name, shape and dtype: no tensor is read)."""
         return MERGE if dtype.is_floating_point else KEEP
+
+    def planned(self, merged: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]]) -> None:
+        """The parameters it will merge, ``{name: (shape, compute dtype)}``, known before any
+        tensor is read (every process of a distributed merge gets all of them)."""
 
     def statistics(self, pass_index: int, name: str, task_vectors: Tensor, base: Tensor
                    ) -> Dict[str, Tensor]:

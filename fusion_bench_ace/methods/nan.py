@@ -516,9 +516,9 @@ class TiesMergingNAN(_NANWeights, TensorMergeMethod):
         self._init_nan(names, norm_target, granularity, normalize, eps, scale, remove)
         self.threshold, self.merge_func = threshold, merge_func
         self.scaling_factor = self.scale  # TIES merges α τ; s multiplies the merged vector
-        # passes: the norms (model granularity), the magnitude threshold's digits (their number
-        # is known once the first digit pass has seen the compute dtype), the majority sign
-        self._passes = (["norms"] if granularity == "model" else []) + ["digit"]
+        # passes: the norms (model granularity), the magnitude threshold's 16-bit digits (two in
+        # float32, four in float64: set once the plan is known), the majority sign
+        self._passes: List[str] = []
         self._entries = 0
         self._shifts: List[int] = []
         self._prefix = self._ranks = self.thresholds = None
@@ -527,6 +527,20 @@ class TiesMergingNAN(_NANWeights, TensorMergeMethod):
     @property
     def statistics_passes(self) -> int:
         return len(self._passes)
+
+    def planned(self, merged) -> None:
+        dtypes = {dtype for _, dtype in merged.values()}
+        if len(dtypes) > 1:
+            raise ValueError("TIES selects one magnitude threshold over the whole model; its "
+                             "parameters are computed in several dtypes: "
+                             f"{sorted(map(str, dtypes))}")
+        self._dtype = dtypes.pop() if dtypes else torch.float32
+        self._shifts = ties.digit_shifts(self._dtype)
+        self._entries = sum(_numel(shape) for shape, _ in merged.values())
+        self._ranks = [ties.kth_rank(self._entries, self.threshold)] * len(self.names)
+        self._prefix = None
+        self._passes = ((["norms"] if self.granularity == "model" else [])
+                        + ["digit"] * len(self._shifts) + ["sign"])
 
     def _weighted(self, name, task_vectors, base, record: bool = False) -> Tensor:
         alpha = self._alpha(name, task_vectors, base, record)
@@ -540,12 +554,8 @@ class TiesMergingNAN(_NANWeights, TensorMergeMethod):
         weighted = self._weighted(name, task_vectors, base)
         if kind == "digit":
             digit = self._passes[:pass_index + 1].count("digit") - 1
-            if digit == 0:
-                self._shifts = ties.digit_shifts(weighted.dtype)
-                self._dtype = weighted.dtype
-            histogram = ties.digit_histogram(weighted, self._shifts[digit], self._prefix)
-            count = torch.tensor([weighted[0].numel()], dtype=torch.int64)
-            return {"histogram": histogram, "entries": count}
+            return {"histogram": ties.digit_histogram(weighted, self._shifts[digit],
+                                                      self._prefix)}
         signs = ties.elected_signs(ties.trimmed(weighted, self.thresholds))
         return {"sign_balance": (signs > 0).sum().reshape(1) - (signs < 0).sum().reshape(1)}
 
@@ -555,15 +565,9 @@ class TiesMergingNAN(_NANWeights, TensorMergeMethod):
             self._absorb_norms(totals)
         elif kind == "digit":
             digit = self._passes[:pass_index + 1].count("digit") - 1
-            if digit == 0:
-                self._entries = int(totals["entries"])
-                rank = ties.kth_rank(self._entries, self.threshold)
-                self._ranks = [rank] * len(self.names)
-                self._prefix = torch.zeros(len(self.names), dtype=torch.int64)
-                self._passes += ["digit"] * (len(self._shifts) - 1) + ["sign"]
             bucket, ranks = ties.bucket_of_rank(totals["histogram"], self._ranks)
             self._ranks = ranks.tolist()
-            self._prefix = (self._prefix << 16) | bucket
+            self._prefix = bucket if self._prefix is None else (self._prefix << 16) | bucket
             if digit == len(self._shifts) - 1:
                 self.thresholds = ties.threshold_values(self._prefix, self._dtype)
         else:
@@ -579,3 +583,10 @@ class TiesMergingNAN(_NANWeights, TensorMergeMethod):
         return {"method": self.name, "threshold": self.threshold, "merge_func": self.merge_func,
                 "entries": self._entries, "magnitude_thresholds": self.thresholds.tolist(),
                 "majority_sign": self.majority, **self._nan_diagnostics()}
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
